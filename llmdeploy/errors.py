@@ -1,0 +1,33 @@
+"""Every exception llmdeploy raises on purpose.
+
+Each class inherits :class:`LLMDeployError` *and* the built-in exception a caller
+would naturally catch (``ValueError``, ``TypeError``, ...), so both
+``except LLMDeployError`` and ``except ValueError`` work.  Messages name the
+tensor, file or option at fault and say how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class LLMDeployError(Exception):
+    """Base class of all llmdeploy errors."""
+
+
+class UnsupportedQuantTypeError(LLMDeployError, ValueError):
+    """A quantization type name or enum that llmdeploy cannot handle (in that direction)."""
+
+
+class BlockSizeError(LLMDeployError, ValueError):
+    """A row length that is not a multiple of the quantization type's block size."""
+
+
+class NonFiniteValueError(LLMDeployError, ValueError):
+    """NaN or infinity in data that is about to be quantized."""
+
+
+class InputDTypeError(LLMDeployError, TypeError):
+    """An array or tensor of a dtype or rank that cannot be quantized or dequantized."""
+
+
+class NotSupportedYetError(LLMDeployError, NotImplementedError):
+    """An option that is accepted by the signature but not implemented for this case."""
