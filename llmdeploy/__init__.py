@@ -1,0 +1,15 @@
+"""llmdeploy: make fine-tuned HuggingFace/PEFT models deployable.
+
+Merged 16-bit safetensors for vLLM/SGLang/transformers, and GGUF files for
+llama.cpp/Ollama, written in one streaming pass by llmdeploy's own
+quantization kernels (byte-identical to llama.cpp's).
+
+Available now: :mod:`llmdeploy.quants` (quantize/dequantize every GGUF block type).
+"""
+
+from . import errors, quants
+from .errors import LLMDeployError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["LLMDeployError", "errors", "quants"]

@@ -128,6 +128,8 @@ def _as_float32(x: Any) -> np.ndarray:
             )
         x = x.detach().to("cpu")
         x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.float().numpy()
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise InputDTypeError(f"Cannot quantize a {type(x).__name__}; pass a numpy array or a torch tensor.")
     if x.dtype == np.float64:
