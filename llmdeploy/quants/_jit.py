@@ -118,7 +118,7 @@ def roundf(f):  # type: ignore[no-untyped-def]
 
 @helper
 def fp32_to_fp16_bits(f):  # type: ignore[no-untyped-def]
-    """IEEE binary16 bits of a float32, round to nearest even; nan -> 0x7E00.
+    """IEEE binary16 bits of a float32, round to nearest even; nan -> sign | 0x7E00.
 
     The same result as ggml's ``ggml_compute_fp32_to_fp16`` and numpy's
     ``astype(np.float16)``, written in integer arithmetic because numba has
@@ -127,8 +127,8 @@ def fp32_to_fp16_bits(f):  # type: ignore[no-untyped-def]
     x = f32_bits(F32(f))
     sign = (x >> 16) & 0x8000
     a = x & 0x7FFFFFFF
-    if a > 0x7F800000:  # nan
-        return 0x7E00
+    if a > 0x7F800000:  # nan: quiet, sign kept (x86's default nan is negative)
+        return sign | 0x7E00
     if a >= 0x477FF000:  # rounds to >= 65520: inf (0x477FF000 is 65520.0)
         return sign | 0x7C00
     if a < 0x38800000:  # below the smallest fp16 normal: subnormal or zero

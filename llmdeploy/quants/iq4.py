@@ -1,15 +1,310 @@
-"""Non-linear 4-bit types IQ4_NL and IQ4_XS.  (quantize: TODO)"""
+"""Non-linear 4-bit types IQ4_NL and IQ4_XS.
+
+Both store, per 32 values, sixteen bytes of 4-bit indices into the fixed
+non-linear grid ``KVALUES`` (llama.cpp's ``kvalues_iq4nl``); a value decodes
+as ``scale * KVALUES[index]``.
+
+Block layouts (little-endian)::
+
+    IQ4_NL  (32 values, 18 bytes)    d:fp16 | qs[16]
+    IQ4_XS (256 values, 136 bytes)   d:fp16 | scales_h:u16 | scales_l[4] | qs[128]
+
+``qs`` holds each 32-value group as 16 bytes: byte ``j`` packs the index of
+value ``j`` in its low nibble and that of value ``j + 16`` in its high nibble.
+IQ4_XS gives each of its eight 32-value sub-blocks a 6-bit signed scale
+``l`` in [-32, 31], stored biased as ``l + 32`` in [0, 63] and split: the low
+4 bits of sub-block ``ib`` go to nibble ``ib % 2`` of ``scales_l[ib // 2]``
+(even sub-blocks low nibble), the high 2 bits to bits ``2*ib, 2*ib+1`` of
+``scales_h``.  Sub-block ``ib`` decodes with scale ``d * l``.
+
+The quantizer is ggml's ``ggml_quantize_chunk`` without an imatrix, which for
+these types runs ``quantize_iq4_nl`` / ``quantize_iq4_xs`` -> the shared
+``quantize_row_iq4_nl_impl`` with ``ntry=7`` (the ``*_ref`` functions pass
+``ntry=-1`` and give other bytes).  Per 32-value sub-block, weights
+``w = x*x``:
+
+1. ``max`` = the value of largest ``|x|`` (first occurrence, sign kept).  If
+   ``|max| < 1e-15`` the sub-block scale is 0.
+2. 16 candidate inverse scales: ``1 / (max / 127)`` first, then
+   ``(t - 127) / max`` for ``t = -7..7``.  For each, every value is mapped
+   to its nearest grid index ``best_index(id * x)`` and the float32 sums
+   ``sumqx += (w*q)*x`` and ``sumq2 += (w*q)*q`` are accumulated in element
+   order.  The first candidate sets ``d = sumqx/sumq2`` (0 if ``sumq2 <= 0``)
+   and ``best = d*sumqx``; each later one replaces them when
+   ``sumq2 > 0 and sumqx*sumqx > best*sumq2``.  The candidates' sums are
+   independent of each other, so they are computed side by side and only the
+   replacement scan runs in candidate order.
+3. IQ4_NL: ``d`` is stored as fp16 and the indices are recomputed with
+   ``1/d`` (the float32 ``d``, not its fp16 rounding; 0 when ``d == 0``).
+   IQ4_XS: the super-block scale is ``-dmax/32`` where ``dmax`` is the
+   sub-block ``d`` of largest ``|d|`` (first occurrence); each sub-block gets
+   ``l = clamp(nearest_int(d_sub / D), -32, 31)`` and its indices are
+   recomputed with ``1 / (D * l)`` (0 when that is 0), ``D`` again float32.
+
+Exactness notes.  Every operation is float32 in ggml's association order:
+products are evaluated left to right (``(w*q)*x`` and ``w*(q*x)`` round
+differently) and sums sequentially.  ggml's ``best_index_int8`` (a binary
+search, then ``x - lo < hi - x ? lo : hi`` with float32 subtractions) equals
+counting the grid midpoints ``m`` with ``not (x < m)``: the subtractions round,
+but checking every float32 near each midpoint shows the switch happens
+exactly at the midpoint, which goes to the upper index.  Written with
+``not <`` a NaN input gives 15, as ggml's search does.  Inputs with
+``|x| > ~1.8e19`` make ``w`` infinite and the sums inf or NaN; the formulas
+above then reproduce ggml's bytes as they are, including a NaN scale (fp16
+``0xFE00``: x86's default NaN is negative).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import _jit
+from ._jit import F32, fp32_to_fp16_bits, nearest_int
 from .gguf_py import GgufPyDequantize
+
+#: llama.cpp's ``kvalues_iq4nl``: the 16 grid points.
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+#: Midpoints between neighbouring grid points (exact in float32): best_index thresholds.
+_MID = ((KVALUES[:-1] + KVALUES[1:]) / np.float32(2)).astype(np.float32)
+#: Gaps between neighbouring grid points: KVALUES[i] == KVALUES[0] + sum(_STEP[:i]).
+_STEP = np.diff(KVALUES).astype(np.float32)
+#: Numerators of the 15 trial inverse scales ``(t + KVALUES[0]) / max``, t = -7..7.
+_TRY_NUM = np.arange(-7, 8, dtype=np.float32) + KVALUES[0]
+
+_EPS = F32(1e-15)  # GROUP_MAX_EPS
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
+_KV0 = KVALUES[0]
+_NTRY = _TRY_NUM.size
+_NCAND = _NTRY + 1  # the initial 1/d candidate, then the trials
+_NMID = _MID.size
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+
+def _best_index(a: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8 on the grid, elementwise: midpoints not above ``a`` (NaN -> 15)."""
+    return np.count_nonzero(~(a[..., None] < _MID), axis=-1).astype(np.uint8)
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int on a float32 array (bit trick; nan -> 0, +-inf -> -4194304)."""
+    return ((v.astype(np.float32) + F32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
+
+
+def _fp16_bytes(d: np.ndarray) -> np.ndarray:
+    """(n,) float32 -> (n, 2) uint8: fp16 little-endian.  numpy rounds as ggml does
+    (nearest even, overflow to inf, a NaN keeps its sign)."""
+    return d.astype(np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _pack_nibbles(idx: np.ndarray) -> np.ndarray:
+    """(..., 32) indices -> (..., 16) bytes: value j low nibble, value j+16 high nibble."""
+    return idx[..., :16] | (idx[..., 16:] << 4)
+
+
+def _sub_block_scales(x: np.ndarray) -> np.ndarray:
+    """(m, 32) float32 sub-blocks -> (m,) float32 scale ``d`` chosen by ggml's search (ntry=7)."""
+    m = x.shape[0]
+    w = x * x
+    first = np.argmax(np.abs(x), axis=1)  # first occurrence of the largest |x|
+    mx = x[np.arange(m), first]
+    skip = np.abs(mx) < _EPS
+    mx = np.where(skip, _ONE, mx)  # any nonzero value: skipped rows are zeroed below
+    ids = np.empty((m, _NCAND), np.float32)
+    ids[:, 0] = _ONE / (-mx / KVALUES[0])  # d = -max/values[0], id = 1/d
+    ids[:, 1:] = _TRY_NUM / mx[:, None]
+    sumqx = np.zeros((m, _NCAND), np.float32)
+    sumq2 = np.zeros((m, _NCAND), np.float32)
+    for j in range(x.shape[1]):  # element order, as ggml accumulates
+        xj = x[:, j, None]
+        q = KVALUES[_best_index(ids * xj)]
+        wq = w[:, j, None] * q
+        sumqx += wq * xj
+        sumq2 += wq * q
+    d = np.where(sumq2[:, 0] > 0, sumqx[:, 0] / sumq2[:, 0], _ZERO)
+    best = d * sumqx[:, 0]
+    for t in range(1, _NCAND):  # candidate order: a later equal score does not replace
+        sqx, sq2 = sumqx[:, t], sumq2[:, t]
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(better, sqx / sq2, d)
+        best = np.where(better, d * sqx, best)
+    return np.where(skip, _ZERO, d).astype(np.float32)
+
+
+def _quantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(blocks, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        d = _sub_block_scales(x)
+        inv = np.where(d != 0, _ONE / d, _ZERO)  # NaN != 0: 1/NaN
+        idx = _best_index(inv[:, None] * x)
+        return np.concatenate([_fp16_bytes(d), _pack_nibbles(idx)], axis=1)
+
+
+def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(blocks, dtype=np.float32)
+    n = x.shape[0]
+    sub = x.reshape(n, 8, 32)
+    with np.errstate(all="ignore"):
+        scales = _sub_block_scales(sub.reshape(n * 8, 32)).reshape(n, 8)
+        # the sub-block scale of largest |d|, first occurrence (NaN never wins)
+        amax = np.zeros(n, np.float32)
+        dmax = np.zeros(n, np.float32)
+        for ib in range(8):
+            better = np.abs(scales[:, ib]) > amax
+            amax = np.where(better, np.abs(scales[:, ib]), amax)
+            dmax = np.where(better, scales[:, ib], dmax)
+        d = -dmax / F32(32)  # -0.0 for an all-zero super-block: fp16 0x8000
+        inv = np.where(d != 0, _ONE / d, _ZERO)
+        ls = np.clip(_nearest_int(inv[:, None] * scales), -32, 31)
+        dl = d[:, None] * ls.astype(np.float32)
+        idl = np.where(dl != 0, _ONE / dl, _ZERO)
+        idx = _best_index(idl[:, :, None] * sub)
+        biased = (ls + 32).astype(np.uint16)
+        out = np.empty((n, 136), np.uint8)
+        out[:, 0:2] = _fp16_bytes(d)
+        scales_h = np.zeros(n, np.uint16)
+        for ib in range(8):
+            scales_h |= (biased[:, ib] >> 4) << (2 * ib)
+        out[:, 2:4] = scales_h.astype("<u2").view(np.uint8).reshape(n, 2)
+        low = (biased & 0xF).astype(np.uint8)
+        out[:, 4:8] = low[:, 0::2] | (low[:, 1::2] << 4)
+        out[:, 8:] = _pack_nibbles(idx).reshape(n, 128)
+    return out
+
+
+# --------------------------------------------------------------------------- numba kernels
+#
+# Layout: one 32-value sub-block at a time, with the 16 candidate inverse
+# scales as the vector lanes.  For each value (in element order, so each
+# lane's sums accumulate exactly as ggml's) the inner loop over the 16
+# candidates is branch-free: the grid value is built as KVALUES[0] plus the
+# gaps of the midpoints it has passed (integer-valued float32 sums: exact).
+
+
+@_jit.helper
+def _nb_best_index(a):  # type: ignore[no-untyped-def]
+    n = 0
+    for k in range(_NMID):
+        n += not (a < _MID[k])
+    return n
+
+
+@_jit.helper
+def _nb_sub_block_scale(x, base, ids, sumqx, sumq2):  # type: ignore[no-untyped-def]
+    """ggml's scale search (ntry=7) over x[base:base+32]; ids/sumqx/sumq2 are scratch[16]."""
+    amax = _ZERO
+    mx = _ZERO
+    for j in range(32):
+        ax = abs(x[base + j])
+        if ax > amax:
+            amax = ax
+            mx = x[base + j]
+    if amax < _EPS:
+        return _ZERO
+    ids[0] = _ONE / (-mx / _KV0)
+    for t in range(_NTRY):
+        ids[t + 1] = _TRY_NUM[t] / mx
+    for t in range(_NCAND):
+        sumqx[t] = _ZERO
+        sumq2[t] = _ZERO
+    for j in range(32):
+        xj = x[base + j]
+        w = xj * xj
+        for t in range(_NCAND):
+            a = ids[t] * xj
+            q = _KV0
+            for k in range(_NMID):
+                q += _STEP[k] if not (a < _MID[k]) else _ZERO
+            wq = w * q
+            sumqx[t] += wq * xj
+            sumq2[t] += wq * q
+    d = sumqx[0] / sumq2[0] if sumq2[0] > _ZERO else _ZERO
+    best = d * sumqx[0]
+    for t in range(1, _NCAND):
+        if sumq2[t] > _ZERO and sumqx[t] * sumqx[t] > best * sumq2[t]:
+            d = sumqx[t] / sumq2[t]
+            best = d * sumqx[t]
+    return d
+
+
+@_jit.helper
+def _nb_pack(x, base, inv, out, b, ob):  # type: ignore[no-untyped-def]
+    """Indices of x[base:base+32] at inverse scale inv, packed into out[b, ob:ob+16]."""
+    for j in range(16):
+        lo = _nb_best_index(inv * x[base + j])
+        hi = _nb_best_index(inv * x[base + 16 + j])
+        out[b, ob + j] = lo | (hi << 4)
+
+
+@_jit.kernel
+def _iq4_nl_kernel(blocks, out):  # type: ignore[no-untyped-def]
+    ids = np.empty(_NCAND, np.float32)
+    sumqx = np.empty(_NCAND, np.float32)
+    sumq2 = np.empty(_NCAND, np.float32)
+    for b in range(blocks.shape[0]):
+        x = blocks[b]
+        d = _nb_sub_block_scale(x, 0, ids, sumqx, sumq2)
+        h = fp32_to_fp16_bits(d)
+        out[b, 0] = h & 0xFF
+        out[b, 1] = (h >> 8) & 0xFF
+        inv = _ONE / d if d != _ZERO else _ZERO
+        _nb_pack(x, 0, inv, out, b, 2)
+
+
+@_jit.kernel
+def _iq4_xs_kernel(blocks, out):  # type: ignore[no-untyped-def]
+    ids = np.empty(_NCAND, np.float32)
+    sumqx = np.empty(_NCAND, np.float32)
+    sumq2 = np.empty(_NCAND, np.float32)
+    scales = np.empty(8, np.float32)
+    for b in range(blocks.shape[0]):
+        x = blocks[b]
+        amax = _ZERO
+        dmax = _ZERO
+        for ib in range(8):
+            s = _nb_sub_block_scale(x, 32 * ib, ids, sumqx, sumq2)
+            scales[ib] = s
+            if abs(s) > amax:
+                amax = abs(s)
+                dmax = s
+        d = -dmax / F32(32.0)
+        h = fp32_to_fp16_bits(d)
+        out[b, 0] = h & 0xFF
+        out[b, 1] = (h >> 8) & 0xFF
+        inv = _ONE / d if d != _ZERO else _ZERO
+        scales_h = 0
+        for ib in range(8):
+            l = min(31, max(-32, nearest_int(inv * scales[ib])))
+            dl = d * F32(l)
+            idl = _ONE / dl if dl != _ZERO else _ZERO
+            _nb_pack(x, 32 * ib, idl, out, b, 8 + 16 * ib)
+            l += 32
+            scales_h |= (l >> 4) << (2 * ib)
+            if ib % 2 == 0:
+                out[b, 4 + ib // 2] = l & 0xF
+            else:
+                out[b, 4 + ib // 2] |= (l & 0xF) << 4
+        out[b, 2] = scales_h & 0xFF
+        out[b, 3] = (scales_h >> 8) & 0xFF
+
+
+# --------------------------------------------------------------------------- registry
 
 
 class IQ4_NL(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_NL):
-    pass
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return _quantize_iq4_nl(blocks)
+
+    fast_kernel = staticmethod(_iq4_nl_kernel)
 
 
 class IQ4_XS(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_XS):
-    pass
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return _quantize_iq4_xs(blocks)
+
+    fast_kernel = staticmethod(_iq4_xs_kernel)
