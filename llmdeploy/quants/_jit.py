@@ -21,6 +21,7 @@ stay plain Python and callers use the numpy reference instead.
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any, Callable
 
 import numpy as np
@@ -174,3 +175,52 @@ def fp16_bits_to_fp32(h):  # type: ignore[no-untyped-def]
 def fp16_round(f):  # type: ignore[no-untyped-def]
     """The float32 that ggml reads back after storing ``f`` as fp16."""
     return fp16_bits_to_fp32(fp32_to_fp16_bits(f))
+
+
+def _hardware_fp16() -> bool:
+    """Whether LLVM lowers a float->half ``fptrunc`` to one instruction for numba's target.
+
+    On x86 that needs F16C (every AVX2 CPU has it); without it LLVM would call
+    a compiler-rt routine that numba does not link.  A NUMBA_CPU_NAME or
+    NUMBA_CPU_FEATURES override (portable caches) may drop the feature, so
+    then the integer code is used.
+    """
+    if not AVAILABLE:
+        return False
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return False
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    return machine in ("aarch64", "arm64")
+
+
+HARDWARE_FP16 = _hardware_fp16()
+
+if HARDWARE_FP16:
+
+    @intrinsic
+    def _fp16_bits_hw(typingctx, x):  # type: ignore[no-untyped-def]
+        """IEEE binary16 bits of a float32 (LLVM ``fptrunc``: round to nearest even)."""
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            half = builder.fptrunc(args[0], ir.HalfType())
+            return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(32))
+
+        return types.int32(types.float32), codegen
+
+    @helper
+    def fp16_bits(f):  # type: ignore[no-untyped-def]
+        """fp16 bits of a float32 with the F16C instruction: ten times faster than
+        :func:`fp32_to_fp16_bits` and equal to it except for NaN payloads (a NaN
+        made by arithmetic is x86's default NaN, which both map to 0xFE00)."""
+        return _fp16_bits_hw(F32(f))
+
+else:
+    fp16_bits = fp32_to_fp16_bits

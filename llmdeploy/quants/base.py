@@ -55,7 +55,10 @@ class QuantType:
 
     #: numba kernel ``(blocks: f32[n, block_size], out: u8[n, type_size]) -> None``
     #: that writes exactly what ``quantize_blocks`` returns; None if there is none.
-    fast_kernel: ClassVar[Callable[[np.ndarray, np.ndarray], None] | None] = None
+    fast_kernel: ClassVar[Callable[[np.ndarray, np.ndarray], Any] | None] = None
+    #: True if ``fast_kernel`` itself returns the number of non-finite values it
+    #: read, sparing quantize() its own checking pass (worth it for a bare copy).
+    fast_kernel_counts_non_finite: ClassVar[bool] = False
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -300,10 +303,14 @@ def quantize(
     blocks = values.reshape(-1, cls.block_size)
     out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
     block_fn = _block_quantizer(cls, backend)
-    finite = _all_finite_fast if block_fn is cls.fast_kernel else _all_finite_reference
+    is_fast = block_fn is cls.fast_kernel
+    finite = _all_finite_fast if is_fast else _all_finite_reference
+    kernel_counts = is_fast and cls.fast_kernel_counts_non_finite
 
     def run(lo: int, hi: int) -> bool:
         chunk = blocks[lo:hi]
+        if kernel_counts:
+            return block_fn(chunk, out[lo:hi]) == 0
         if not finite(chunk):
             return False
         block_fn(chunk, out[lo:hi])

@@ -11,15 +11,9 @@ What ``ggml_quantize_chunk`` writes for them:
   to nearest even, ``(bits + 0x7fff + ((bits >> 16) & 1)) >> 16``; a NaN is
   truncated and forced quiet (``bits >> 16 | 0x40``) instead.
 
-This module also provides :func:`fp16_bits`, the fp16 conversion the fast
-kernels of the other families use for their block scales: the F16C
-instruction where the CPU has one, ``_jit.fp32_to_fp16_bits`` (integer code,
-about ten times slower) elsewhere.
 """
 
 from __future__ import annotations
-
-import platform
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -29,51 +23,7 @@ from .base import QuantType
 from .gguf_py import GgufPyQuantize
 
 
-def _hardware_fp16() -> bool:
-    """Whether LLVM lowers a float->half ``fptrunc`` to one instruction for numba's target.
-
-    On x86 that needs F16C (every AVX2 CPU has it); without it LLVM would call
-    a compiler-rt routine that numba does not link.  A NUMBA_CPU_NAME or
-    NUMBA_CPU_FEATURES override (portable caches) may drop the feature, so
-    then the integer code is used.
-    """
-    if not _jit.AVAILABLE:
-        return False
-    from numba.core import config
-
-    if config.CPU_NAME or config.CPU_FEATURES:
-        return False
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get("f16c", False))
-    return machine in ("aarch64", "arm64")
-
-
-HARDWARE_FP16 = _hardware_fp16()
-
-if HARDWARE_FP16:
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _fp16_bits_hw(typingctx, x):  # type: ignore[no-untyped-def]
-        """IEEE binary16 bits of a float32 (LLVM ``fptrunc``: round to nearest even)."""
-        if x != types.float32:
-            return None
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            half = builder.fptrunc(args[0], ir.HalfType())
-            return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(32))
-
-        return types.int32(types.float32), codegen
-
-    @_jit.helper
-    def fp16_bits(f):  # type: ignore[no-untyped-def]
-        """fp16 bits of a finite float32, as ggml rounds it (NaN payloads may differ)."""
-        return _fp16_bits_hw(np.float32(f))  # (the class F32 below shadows _jit.F32)
+if _jit.HARDWARE_FP16:
 
     @_jit.kernel
     def _f16_kernel(blocks, out):  # type: ignore[no-untyped-def]
@@ -82,10 +32,9 @@ if HARDWARE_FP16:
         x = blocks.reshape(blocks.size)
         o = out.view(np.uint16).reshape(blocks.size)
         for i in range(x.shape[0]):
-            o[i] = np.uint16(_fp16_bits_hw(x[i]))
+            o[i] = np.uint16(_jit.fp16_bits(x[i]))
 
 else:
-    fp16_bits = _jit.fp32_to_fp16_bits
     # Without F16C numpy's conversion (SIMD where it can) is the faster path.
     _f16_kernel = None
 
@@ -109,11 +58,16 @@ if _jit.AVAILABLE:
 
     @_jit.kernel
     def _f32_kernel(blocks, out):  # type: ignore[no-untyped-def]
-        # A copy; having a kernel at all lets quantize() use its fast finiteness check.
+        # A copy that counts non-finite values on the way (exponent bits all
+        # ones), so the data is read once, like ggml's memcpy.
         x = blocks.reshape(blocks.size)
         o = out.view(np.float32).reshape(blocks.size)
+        bad = 0
         for i in range(x.shape[0]):
-            o[i] = x[i]
+            v = x[i]
+            o[i] = v
+            bad += (f32_bits(v) & 0x7F800000) == 0x7F800000
+        return bad
 
 else:  # pragma: no cover - numba missing
     _bf16_kernel = _f32_kernel = None
@@ -129,6 +83,7 @@ class F32(QuantType, qtype=GGMLQuantizationType.F32):
         return data.view(np.float32).copy()
 
     fast_kernel = staticmethod(_f32_kernel) if _f32_kernel is not None else None
+    fast_kernel_counts_non_finite = True
 
 
 class F16(QuantType, qtype=GGMLQuantizationType.F16):

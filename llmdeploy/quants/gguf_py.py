@@ -21,7 +21,8 @@ class GgufPyDequantize(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
-        return gguf_quants.dequantize(data, cls.qtype)
+        with np.errstate(all="ignore"):  # inf/nan scales decode to inf/nan, as in ggml
+            return gguf_quants.dequantize(data, cls.qtype)
 
 
 class GgufPyQuantize(GgufPyDequantize):
@@ -29,7 +30,8 @@ class GgufPyQuantize(GgufPyDequantize):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf_quants.quantize(blocks, cls.qtype)
+        with np.errstate(all="ignore"):  # overflowing scales are part of ggml's result too
+            return gguf_quants.quantize(blocks, cls.qtype)
 
 
 # Types llmdeploy reads (dequantizes) through gguf-py but does not write.

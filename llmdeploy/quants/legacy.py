@@ -50,7 +50,7 @@ from gguf import GGMLQuantizationType
 
 from . import _jit
 from ._jit import F32
-from .float import fp16_bits
+from ._jit import fp16_bits
 from .gguf_py import GgufPyDequantize
 
 QK = 32  # values per block
@@ -207,7 +207,7 @@ def _q5_1_reference(x: np.ndarray) -> np.ndarray:
 # per-block regimes (zero d, subnormal d with an infinite ``id``, overflowing
 # ``max - min``) are settled per block by selecting ``id``, the offset and the
 # subtracted minimum, so the SIMD loops only ever convert in-range floats.
-# The fp16 scales go through ``float.fp16_bits`` (the F16C instruction where
+# The fp16 scales go through ``_jit.fp16_bits`` (the F16C instruction where
 # there is one): the integer ``_jit.fp32_to_fp16_bits`` cost as much as the
 # rest of a Q4_1 block.
 

@@ -37,7 +37,7 @@ from gguf import GGMLQuantizationType
 
 from . import _jit
 from ._jit import F32
-from .float import fp16_bits
+from ._jit import fp16_bits
 from .gguf_py import GgufPyQuantize
 
 _ZERO = F32(0.0)

@@ -12,9 +12,10 @@ if not _jit.AVAILABLE:  # pragma: no cover
 
 
 @_jit.kernel
-def _apply(a, fp16_bits, near, rounded, roundf):  # type: ignore[no-untyped-def]
+def _apply(a, fp16_bits, hw_bits, near, rounded, roundf):  # type: ignore[no-untyped-def]
     for i in range(a.size):
         fp16_bits[i] = _jit.fp32_to_fp16_bits(a[i])
+        hw_bits[i] = _jit.fp16_bits(a[i])
         near[i] = _jit.nearest_int(a[i])
         rounded[i] = _jit.fp16_round(a[i])
         if abs(a[i]) < 1e18:
@@ -39,15 +40,16 @@ def _bit_patterns() -> np.ndarray:
 def test_fp16_conversion_nearest_int_and_roundf_match_numpy_and_ggml_definitions() -> None:
     a = _bit_patterns()
     n = a.size
-    fp16_bits, near = np.zeros(n, np.uint16), np.zeros(n, np.int64)
+    fp16_bits, hw_bits, near = np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.int64)
     rounded, roundf = np.zeros(n, np.float32), np.zeros(n, np.int64)
-    _apply(a, fp16_bits, near, rounded, roundf)
+    _apply(a, fp16_bits, hw_bits, near, rounded, roundf)
     with np.errstate(all="ignore"):
         expected_fp16 = a.astype(np.float16)  # numpy: RNE, overflow to inf, nan keeps its sign
         # ggml's nearest_int, literally: the 1.5*2**23 bit trick, garbage out of range included
         expected_near = ((a + np.float32(12582912)).view(np.int32) & 0x7FFFFF) - 0x400000
     nan = np.isnan(a)
     np.testing.assert_array_equal(fp16_bits[~nan], expected_fp16.view(np.uint16)[~nan])
+    np.testing.assert_array_equal(hw_bits[~nan], expected_fp16.view(np.uint16)[~nan])
     np.testing.assert_array_equal(fp16_bits[nan] & 0x7FFF, 0x7E00)  # ggml's quiet nan ...
     np.testing.assert_array_equal(fp16_bits[nan] >> 15, a[nan].view(np.uint32) >> 31)  # ... with the sign kept
     np.testing.assert_array_equal(near, expected_near)
@@ -55,3 +57,6 @@ def test_fp16_conversion_nearest_int_and_roundf_match_numpy_and_ggml_definitions
     small = np.abs(a) < 1e18
     c_roundf = np.sign(a[small]) * np.floor(np.abs(a[small]).astype(np.float64) + 0.5)  # half away from zero
     np.testing.assert_array_equal(roundf[small], c_roundf.astype(np.int64))
+    default_nan = np.array([0xFFC00000], np.uint32).view(np.float32)  # what x86 arithmetic makes
+    _apply(default_nan, fp16_bits[:1], hw_bits[:1], near[:1], rounded[:1], roundf[:1])
+    assert fp16_bits[0] == hw_bits[0] == 0xFE00
