@@ -29,19 +29,21 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import (
     BlockSizeError,
     InputDTypeError,
-    NonFiniteValueError,
     NotSupportedYetError,
     UnsupportedQuantTypeError,
 )
 from . import _jit
+from ._input import Values
 
 QTypeLike = Union[GGMLQuantizationType, str]
-Backend = Literal["auto", "fast", "reference"]
+Backend = Literal["auto", "fast", "reference", "torch"]
 
 #: Values per work chunk.  1 MiB of float32: big enough to amortise the
 #: per-chunk Python overhead, small enough to stay in cache and to keep the
 #: temporaries of the numpy reference path small whatever the tensor size.
 CHUNK_VALUES = 1 << 18
+#: Values per chunk for the torch kernels on a GPU (16 MiB of float32).
+GPU_CHUNK_VALUES = 1 << 22
 
 _REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
 
@@ -121,49 +123,6 @@ def quantizable_type_names() -> list[str]:
 # --------------------------------------------------------------------------- input checks
 
 
-def _as_float32(x: Any) -> np.ndarray:
-    """Values to quantize as a C-contiguous float32 numpy array, converting only exactly."""
-    torch = _torch_if_tensor(x)
-    if torch is not None:
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise InputDTypeError(
-                f"Cannot quantize a torch tensor of dtype {x.dtype}; pass float32, float16, bfloat16 or float64."
-            )
-        x = x.detach().to("cpu")
-        x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.float().numpy()
-    if isinstance(x, np.generic):
-        x = np.asarray(x)
-    if not isinstance(x, np.ndarray):
-        raise InputDTypeError(f"Cannot quantize a {type(x).__name__}; pass a numpy array or a torch tensor.")
-    if x.dtype == np.float64:
-        with np.errstate(over="ignore"):
-            narrowed = x.astype(np.float32)
-        overflow = np.isfinite(x) & ~np.isfinite(narrowed)
-        if overflow.any():
-            first = np.argwhere(overflow)[0]
-            raise NonFiniteValueError(
-                f"{int(overflow.sum())} float64 value(s) overflow float32, first at index {tuple(int(i) for i in first)} "
-                f"(value {x[tuple(first)]!r}). Scale the tensor or clip it before quantizing."
-            )
-        x = narrowed
-    elif x.dtype == np.float16:
-        x = x.astype(np.float32)
-    elif x.dtype != np.float32:
-        raise InputDTypeError(
-            f"Cannot quantize an array of dtype {x.dtype}; pass float32 (float16 and float64 are converted)."
-        )
-    if x.ndim == 0:
-        raise InputDTypeError("Cannot quantize a 0-d array: pass rows of values, shape (n_rows, n_cols).")
-    return np.ascontiguousarray(x)
-
-
-def _torch_if_tensor(x: Any) -> Any:
-    torch = __import__("sys").modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return torch
-    return None
-
-
 def _check_row_length(n_cols: int, cls: type[QuantType], what: str) -> None:
     if n_cols % cls.block_size:
         raise BlockSizeError(
@@ -171,17 +130,6 @@ def _check_row_length(n_cols: int, cls: type[QuantType], what: str) -> None:
             f"which is not a multiple of {cls.block_size}. Pick a type whose block size divides {n_cols} "
             f"(F32/F16/BF16 always do) or pad the rows."
         )
-
-
-def _raise_non_finite(x: np.ndarray) -> None:
-    bad = ~np.isfinite(x)
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
-    n_nan = int(np.isnan(x).sum())
-    where = f"row {first[0]}, column {first[-1]}" if x.ndim == 2 else f"index {first}"
-    raise NonFiniteValueError(
-        f"Cannot quantize: {int(bad.sum())} non-finite value(s) ({n_nan} NaN, {int(bad.sum()) - n_nan} inf), "
-        f"the first at {where} (value {x[first]!r}). Fix the weights (e.g. a diverged fine-tune) before exporting."
-    )
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -207,35 +155,49 @@ def _notice_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _block_quantizer(cls: type[QuantType], backend: Backend) -> Callable[[np.ndarray, np.ndarray], None]:
-    """``f(blocks, out)`` for the chosen backend; 'auto' prefers the fast kernel."""
+def _resolve_backend(cls: type[QuantType], backend: Backend, device: Any, values: Values) -> tuple[str, Any]:
+    """``("fast" | "reference" | "torch", torch device or None)`` for this call.
 
-    def reference(blocks: np.ndarray, out: np.ndarray) -> None:
-        out[...] = cls.quantize_blocks(blocks)
+    A non-CPU ``device`` (or a tensor already on one) means the torch kernels on
+    that device; otherwise 'auto' prefers the numba kernel, falling back to the
+    reference with one notice when numba is missing.
+    """
+    if backend not in ("auto", "fast", "reference", "torch"):
+        raise UnsupportedQuantTypeError(f"backend must be 'auto', 'fast', 'reference' or 'torch', got {backend!r}.")
+    if device is None and values.device is not None and values.device.type != "cpu":
+        device = values.device
+    if device is not None:
+        import torch
 
+        device = torch.device(device)
+        if device.type != "cpu":
+            if backend == "fast":
+                raise UnsupportedQuantTypeError(
+                    f"The numba kernels run on the CPU only; drop backend='fast' to quantize on {device}."
+                )
+            backend = "torch"
+    if backend == "torch":
+        if not hasattr(cls, "quantize_blocks_torch"):
+            raise UnsupportedQuantTypeError(f"{cls.qtype.name} has no torch kernel yet; use the CPU.")
+        import torch
+
+        return "torch", device if device is not None else torch.device("cpu")
     if backend == "reference":
-        return reference
-    if backend not in ("auto", "fast"):
-        raise UnsupportedQuantTypeError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}.")
-    kernel = cls.fast_kernel
-    if kernel is None:
+        return "reference", None
+    if cls.fast_kernel is None:
         if backend == "fast":
             raise UnsupportedQuantTypeError(f"{cls.qtype.name} has no fast kernel; use backend='auto' or 'reference'.")
-        return reference
+        return "reference", None
     if not _jit.AVAILABLE:
         if backend == "fast":
             raise NotSupportedYetError(f"The fast kernels need numba, which failed to load ({_jit.UNAVAILABLE_REASON}).")
         _notice_once(
             "numba",
             f"llmdeploy: numba is unavailable ({_jit.UNAVAILABLE_REASON}); quantizing with the slower "
-            "numpy reference kernels (same bytes). `pip install numba` restores the fast path.",
+            "reference kernels (same bytes). `pip install numba` restores the fast path.",
         )
-        return reference
-    return kernel
-
-
-def _all_finite_reference(blocks: np.ndarray) -> bool:
-    return bool(np.isfinite(blocks).all())
+        return "reference", None
+    return "fast", None
 
 
 if _jit.AVAILABLE:
@@ -253,7 +215,9 @@ if _jit.AVAILABLE:
         return _count_non_finite(blocks.reshape(-1).view(np.int32)) == 0
 
 else:
-    _all_finite_fast = _all_finite_reference
+
+    def _all_finite_fast(blocks: np.ndarray) -> bool:
+        return bool(np.isfinite(blocks).all())
 
 
 def quantize(
@@ -263,22 +227,27 @@ def quantize(
     imatrix: np.ndarray | None = None,
     threads: int | None = None,
     backend: Backend = "auto",
+    device: Any = None,
 ) -> np.ndarray:
     """Quantize rows of float values to a GGUF block type, byte for byte as ggml does.
 
     Args:
         x: float32 values, shape ``(n_rows, n_cols)`` (any leading shape works; the last
-            axis is the row). float16/bfloat16/float64 numpy arrays or torch tensors are
-            converted to float32 first; float64 values that overflow float32 are an error.
+            axis is the row): a numpy array or a torch tensor on any device. float16,
+            bfloat16 and float64 are converted chunk by chunk (never the whole tensor at
+            once); float64 values that overflow float32 are an error.
         qtype: a ``gguf.GGMLQuantizationType`` or its name in any case (``"q4_k"``).
         imatrix: importance weights, one per column (llama.cpp's imatrix). Not yet supported.
-        threads: worker threads; default ``LLMDEPLOY_NUM_THREADS`` or all usable cores.
-        backend: ``"auto"`` (numba kernels when available, else numpy), ``"fast"`` or
-            ``"reference"`` (the readable numpy implementation; same bytes, slower).
+        threads: CPU worker threads; default ``LLMDEPLOY_NUM_THREADS`` or all usable cores.
+        backend: ``"auto"`` (numba kernels when available), ``"fast"`` (numba, or an error),
+            ``"reference"`` (the readable implementation) or ``"torch"`` (the torch kernels,
+            which also run on GPUs). All give the same bytes.
+        device: where the torch kernels run, e.g. ``"cuda"``. Default: the CPU, or the
+            device of a tensor ``x`` that is not on the CPU.
 
     Returns:
-        uint8 array of shape ``(*x.shape[:-1], n_cols // block_size * type_size)`` laid out
-        exactly as ggml's ``ggml_quantize_chunk`` writes it.
+        uint8 numpy array of shape ``(*x.shape[:-1], n_cols // block_size * type_size)`` laid
+        out exactly as ggml's ``ggml_quantize_chunk`` writes it.
 
     Raises:
         UnsupportedQuantTypeError: unknown type name, or a read-only type.
@@ -289,7 +258,7 @@ def quantize(
     cls = quant_type(qtype)
     if not cls.can_quantize():
         cls.quantize_blocks(np.empty((0, cls.block_size), np.float32))  # raises the explanatory error
-    values = _as_float32(x)
+    values = Values(x)
     n_cols = values.shape[-1]
     _check_row_length(n_cols, cls, "row")
     if imatrix is not None:
@@ -299,26 +268,44 @@ def quantize(
             "Quantizing with an importance matrix is not implemented yet; call quantize() without imatrix= "
             "(llama-quantize without --imatrix)."
         )
-    out_shape = (*values.shape[:-1], n_cols // cls.block_size * cls.type_size)
-    blocks = values.reshape(-1, cls.block_size)
-    out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
-    block_fn = _block_quantizer(cls, backend)
-    is_fast = block_fn is cls.fast_kernel
-    finite = _all_finite_fast if is_fast else _all_finite_reference
-    kernel_counts = is_fast and cls.fast_kernel_counts_non_finite
+    mode, device = _resolve_backend(cls, backend, device, values)
+    bs = cls.block_size
+    out = np.empty((values.size // bs, cls.type_size), np.uint8)
+    chunk_values = CHUNK_VALUES
 
-    def run(lo: int, hi: int) -> bool:
-        chunk = blocks[lo:hi]
-        if kernel_counts:
-            return block_fn(chunk, out[lo:hi]) == 0
-        if not finite(chunk):
-            return False
-        block_fn(chunk, out[lo:hi])
-        return True
+    if mode == "torch":
+        import torch
 
-    if not all(_map_chunks(run, blocks.shape[0], cls.block_size, threads)):
-        _raise_non_finite(values.reshape(-1, n_cols) if values.ndim != 2 else values)
-    return out.reshape(out_shape)
+        if device.type != "cpu":  # one stream of large chunks keeps a GPU busy
+            threads, chunk_values = 1, GPU_CHUNK_VALUES
+
+        def run(lo: int, hi: int) -> bool:
+            chunk = values.torch_chunk(lo * bs, hi * bs, device).reshape(-1, bs)
+            if not bool(torch.isfinite(chunk).all()):
+                return False
+            out[lo:hi] = cls.quantize_blocks_torch(chunk).cpu().numpy()  # type: ignore[attr-defined]
+            return True
+
+    else:
+        kernel = cls.fast_kernel if mode == "fast" else None
+
+        def run(lo: int, hi: int) -> bool:
+            chunk = values.numpy_chunk(lo * bs, hi * bs).reshape(-1, bs)
+            if kernel is None:
+                if not np.isfinite(chunk).all():
+                    return False
+                out[lo:hi] = cls.quantize_blocks(chunk)
+                return True
+            if cls.fast_kernel_counts_non_finite:
+                return bool(kernel(chunk, out[lo:hi]) == 0)
+            if not _all_finite_fast(chunk):
+                return False
+            kernel(chunk, out[lo:hi])
+            return True
+
+    if not all(_map_chunks(run, out.shape[0], bs, threads, chunk_values)):
+        values.raise_non_finite(chunk_values)
+    return out.reshape(*values.shape[:-1], n_cols // bs * cls.type_size)
 
 
 def dequantize(data: Any, qtype: QTypeLike, *, threads: int | None = None) -> np.ndarray:
@@ -363,12 +350,14 @@ def dequantize(data: Any, qtype: QTypeLike, *, threads: int | None = None) -> np
 _executors: dict[int, ThreadPoolExecutor] = {}
 
 
-def _map_chunks(fn: Callable[[int, int], bool], n_blocks: int, block_size: int, threads: int | None) -> list[bool]:
+def _map_chunks(
+    fn: Callable[[int, int], bool], n_blocks: int, block_size: int, threads: int | None, chunk_values: int = 0
+) -> list[bool]:
     """Run ``fn(lo, hi)`` over chunks of whole blocks, on up to ``threads`` threads."""
     n_threads = default_threads() if threads is None else int(threads)
     if n_threads < 1:
         raise InputDTypeError(f"threads must be at least 1, got {threads}.")
-    per_chunk = max(1, CHUNK_VALUES // block_size)
+    per_chunk = max(1, (chunk_values or CHUNK_VALUES) // block_size)
     if n_threads > 1:  # give every thread work even for mid-sized tensors
         per_chunk = max(1, min(per_chunk, -(-n_blocks // n_threads)))
     bounds = [(lo, min(lo + per_chunk, n_blocks)) for lo in range(0, n_blocks, per_chunk)]

@@ -80,7 +80,7 @@ def test_float64_is_converted_but_overflow_is_an_error() -> None:
     x64 = np.random.default_rng(0).standard_normal((2, 32))
     assert np.array_equal(quants.quantize(x64, "q8_0"), quants.quantize(x64.astype(np.float32), "q8_0"))
     x64[1, 3] = 1e300
-    with pytest.raises(errors.NonFiniteValueError, match=r"overflow float32, first at index \(1, 3\)"):
+    with pytest.raises(errors.NonFiniteValueError, match=r"overflow float32, the first at index \(1, 3\)"):
         quants.quantize(x64, "q8_0")
 
 
