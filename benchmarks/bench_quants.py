@@ -62,28 +62,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "reference", "torch"])
+    parser.add_argument("--device", default=None, help="device for the torch kernels, e.g. cuda")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table (for docs/benchmarks.md)")
     args = parser.parse_args(argv)
 
     names = args.types or quants.quantizable_type_names()
     x = weights(args.rows, args.cols)
     n = x.size / 1e6
     print(f"# {machine()}")
-    print(f"# {args.rows}x{args.cols} float32 values, {args.threads} thread(s), best of {args.repeat}")
-    print(f"{'type':8} {'llmdeploy Mp/s':>15} {'ggml Mp/s':>10} {'ratio':>7}  identical")
-    worst = float("inf")
+    where = f"device {args.device}" if args.device else f"{args.threads} thread(s)"
+    print(f"# {args.rows}x{args.cols} float32 values, {where}, backend {args.backend}, best of {args.repeat}")
+    if args.markdown:
+        print("\n| type | llmdeploy Mparam/s | ggml Mparam/s | ratio | identical |\n|---|---:|---:|---:|---|")
+    else:
+        print(f"{'type':8} {'llmdeploy Mp/s':>15} {'ggml Mp/s':>10} {'ratio':>7}  identical")
+    all_same = True
+
+    def ours() -> np.ndarray:
+        return quants.quantize(x, qtype, threads=args.threads, backend=args.backend, device=args.device)
+
     for name in names:
         qtype = quants.quant_type(name).qtype
-        ours = quants.quantize(x, qtype, threads=args.threads, backend=args.backend)  # warm-up / compile
         theirs = ggml_reference.quantize(x, qtype, threads=args.threads)
-        same = np.array_equal(ours, theirs)
-        t_ours = best_time(lambda: quants.quantize(x, qtype, threads=args.threads, backend=args.backend), args.repeat)
+        same = np.array_equal(ours(), theirs)  # also the warm-up (numba compiles on first use)
+        all_same &= same
+        t_ours = best_time(ours, args.repeat)
         t_ggml = best_time(lambda: ggml_reference.quantize(x, qtype, threads=args.threads), args.repeat)
-        ratio = t_ggml / t_ours
-        worst = min(worst, ratio)
-        print(f"{qtype.name:8} {n / t_ours:15.1f} {n / t_ggml:10.1f} {ratio:7.2f}  {'yes' if same else 'NO'}")
+        row = (qtype.name, n / t_ours, n / t_ggml, t_ggml / t_ours, "yes" if same else "NO")
+        if args.markdown:
+            print("| {} | {:.1f} | {:.1f} | {:.2f} | {} |".format(*row))
+        else:
+            print("{:8} {:15.1f} {:10.1f} {:7.2f}  {}".format(*row))
         sys.stdout.flush()
-    return 0
+    return 0 if all_same else 1
 
 
 if __name__ == "__main__":
