@@ -11,16 +11,58 @@ What ``ggml_quantize_chunk`` writes for them:
   to nearest even, ``(bits + 0x7fff + ((bits >> 16) & 1)) >> 16``; a NaN is
   truncated and forced quiet (``bits >> 16 | 0x40``) instead.
 
+The torch helpers below (``_torch_le_bytes``, ``_torch_fp16_bits``) are also
+what the block types use to store their fp16 scales.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
 from .base import QuantType
 from .gguf_py import GgufPyQuantize
+
+
+# =========================================================================== torch reference
+#
+# Integer bit arithmetic in int32/int64 (torch's unsigned types are limited),
+# so the result is the same on every device.
+
+
+def _torch_le_bytes(v: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """Integer tensor (...) -> uint8 (..., n_bytes): its low n_bytes bytes, little-endian as GGUF stores them."""
+    shifts = torch.arange(0, 8 * n_bytes, 8, dtype=torch.int64, device=v.device)
+    return ((v.to(torch.int64).unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
+
+
+def _torch_fp16_bits(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 in 0..0xFFFF: ggml's ``GGML_FP32_TO_FP16(v)``.
+
+    Round to nearest even, overflow to +-inf, fp16 subnormals kept: what
+    ``.to(torch.float16)`` does on CPU and CUDA alike.  Only NaN differs by
+    device (payload kept, or CUDA's canonical 0x7FFF), so it is selected
+    explicitly: ggml stores ``sign | 0x7E00``.
+    """
+    bits = v.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    sign = (v.view(torch.int32) >> 16) & 0x8000
+    return torch.where(torch.isnan(v), sign | 0x7E00, bits)
+
+
+def _torch_bf16_bits(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in 0..0xFFFF: ``ggml_compute_fp32_to_bf16``, on the uint32 bits held in int64."""
+    u = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    quiet_nan = (u >> 16) | 0x40  # truncated, forced quiet
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # nearest even; cannot carry past bit 31 unless NaN
+    return torch.where(is_nan, quiet_nan, rounded)
+
+
+def _torch_value_blocks(blocks: torch.Tensor, bits: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """Per-value bit patterns of single-value blocks -> uint8 (n_blocks, n_bytes)."""
+    return _torch_le_bytes(bits, n_bytes).reshape(blocks.shape[0], -1)
 
 
 if _jit.HARDWARE_FP16:
@@ -82,6 +124,11 @@ class F32(QuantType, qtype=GGMLQuantizationType.F32):
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         return data.view(np.float32).copy()
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 1) on any device -> uint8 (n, 4) on the same device: the bits, copied."""
+        return _torch_value_blocks(blocks, blocks.contiguous().view(torch.int32), 4)
+
     fast_kernel = staticmethod(_f32_kernel) if _f32_kernel is not None else None
     fast_kernel_counts_non_finite = True
 
@@ -97,11 +144,21 @@ class F16(QuantType, qtype=GGMLQuantizationType.F16):
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         return data.view("<f2").astype(np.float32)
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
+        return _torch_value_blocks(blocks, _torch_fp16_bits(blocks), 2)
+
     fast_kernel = staticmethod(_f16_kernel) if _f16_kernel is not None else None
 
 
 class BF16(GgufPyQuantize, qtype=GGMLQuantizationType.BF16):
     """bfloat16, rounded to nearest even (gguf-py's numpy code is ggml's ``ggml_compute_fp32_to_bf16``)."""
+
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
+        return _torch_value_blocks(blocks, _torch_bf16_bits(blocks), 2)
 
     fast_kernel = staticmethod(_bf16_kernel) if _bf16_kernel is not None else None
 

@@ -57,6 +57,7 @@ above then reproduce ggml's bytes as they are, including a NaN scale (fp16
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
@@ -173,6 +174,150 @@ def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
         out[:, 4:8] = low[:, 0::2] | (low[:, 1::2] << 4)
         out[:, 8:] = _pack_nibbles(idx).reshape(n, 128)
     return out
+
+
+# --------------------------------------------------------------------------- torch reference
+#
+# The numpy reference above, op for op, in eager float32 torch: the same bytes
+# on CPU and CUDA tensors.  Blocks (sub-blocks) are the vectorized dimension;
+# the Python loops run only over element indices, candidates and sub-block
+# numbers, in ggml's order.  Device-independence rests on a few rules:
+#
+# * Every sum is ``acc = acc + term`` in element order; products are separate
+#   ops (no fused multiply-add can form).
+# * Divisions are tensor / tensor.  ``1.0 / t`` is ``t.reciprocal() * 1.0`` in
+#   torch, and on CUDA ``t / python_float`` is ``t * (1 / python_float)``: both
+#   may differ from the IEEE quotient ggml computes.  (``/ 32`` is exact either
+#   way: a power of two.)
+# * The inputs are finite (NaN and inf are rejected before quantizing), so a
+#   NaN here only comes from an invalid operation (inf - inf, 0 * inf,
+#   inf / inf).  On x86, where ggml runs, that NaN is the default NaN
+#   0xFFC00000, and NaNs derived from it keep it.  CUDA's NaN is 0x7FFFFFFF,
+#   so the two places where NaN bits matter (the fp16 scale and nearest_int)
+#   select x86's result explicitly; comparisons and best_index do not look at
+#   NaN bits.
+
+
+def _torch_grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid ``KVALUES``, its 15 midpoints and the 15 trial numerators on ``device``
+    (all small integers or halves: exact in float32)."""
+    kv = torch.as_tensor(KVALUES, dtype=torch.float32, device=device)
+    mid = (kv[:-1] + kv[1:]) / 2
+    try_num = torch.arange(-7, 8, dtype=torch.float32, device=device) + kv[0]
+    return kv, mid, try_num
+
+
+def _torch_best_index(a: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8, elementwise (int64): midpoints not above ``a`` (NaN -> 15)."""
+    return (~(a.unsqueeze(-1) < mid)).sum(dim=-1)  # a count of booleans: exact in any order
+
+
+def _torch_nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int (int32): float32 add of 1.5 * 2**23, then the low mantissa bits.
+    +-inf gives -4194304.  x86's NaN (0xFFC00000) gives 0; CUDA's would not, so NaN
+    is mapped to 0 explicitly."""
+    r = ((v + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
+    return torch.where(torch.isnan(v), 0, r)
+
+
+def _torch_fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) int32 byte values: fp16 little-endian, round to nearest even
+    (overflow to inf).  NaN is x86's default NaN, negative: 0xFE00."""
+    bits = d.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = torch.where(torch.isnan(d), 0xFE00, bits)
+    return torch.stack([bits & 0xFF, bits >> 8], dim=1)
+
+
+def _torch_pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """(..., 32) indices -> (..., 16) byte values: value j low nibble, value j+16 high nibble."""
+    return idx[..., :16] | (idx[..., 16:] << 4)
+
+
+def _torch_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
+    """(m, 32) float32 sub-blocks -> (m,) float32 scale ``d`` chosen by ggml's search (ntry=7)."""
+    m, dev = x.shape[0], x.device
+    kv, mid, try_num = _torch_grid(dev)
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    eps = torch.tensor(1e-15, dtype=torch.float32, device=dev)  # GROUP_MAX_EPS = 1e-15f
+    # max = the value of largest |x|: ggml's strict `>` scan, so the first occurrence wins
+    amax = torch.zeros(m, dtype=torch.float32, device=dev)
+    mx = torch.zeros(m, dtype=torch.float32, device=dev)
+    for j in range(x.shape[1]):
+        ax = x[:, j].abs()
+        better = ax > amax
+        amax = torch.where(better, ax, amax)
+        mx = torch.where(better, x[:, j], mx)
+    skip = amax < eps
+    mx = torch.where(skip, one, mx)  # any nonzero value: skipped rows are zeroed below
+    # 16 candidate inverse scales: id = 1/d with d = -max/values[0], then (t + values[0])/max
+    ids = torch.cat([(one / (-mx / kv[0])).unsqueeze(1), try_num / mx.unsqueeze(1)], dim=1)
+    w = x * x
+    sumqx = torch.zeros(m, _NCAND, dtype=torch.float32, device=dev)
+    sumq2 = torch.zeros(m, _NCAND, dtype=torch.float32, device=dev)
+    for j in range(x.shape[1]):  # element order, as ggml accumulates; candidates side by side
+        xj = x[:, j].unsqueeze(1)
+        q = kv[_torch_best_index(ids * xj, mid)]
+        wq = w[:, j].unsqueeze(1) * q  # (w*q)*x and (w*q)*q: ggml's association
+        sumqx = sumqx + wq * xj
+        sumq2 = sumq2 + wq * q
+    d = torch.where(sumq2[:, 0] > 0, sumqx[:, 0] / sumq2[:, 0], 0.0)
+    best = d * sumqx[:, 0]
+    for t in range(1, _NCAND):  # candidate order: a later equal score does not replace
+        sqx, sq2 = sumqx[:, t], sumq2[:, t]
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(better, sqx / sq2, d)
+        best = torch.where(better, d * sqx, best)
+    return torch.where(skip, 0.0, d)
+
+
+def _torch_quantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    x = blocks.to(torch.float32)
+    _, mid, _ = _torch_grid(x.device)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    d = _torch_sub_block_scales(x)
+    inv = torch.where(d != 0, one / d, 0.0)  # the float32 d, not its fp16 rounding; NaN != 0
+    idx = _torch_best_index(inv.unsqueeze(1) * x, mid)
+    out = torch.cat([_torch_fp16_bytes(d), _torch_pack_nibbles(idx)], dim=1)
+    return out.to(torch.uint8)
+
+
+def _torch_quantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    x = blocks.to(torch.float32)
+    n, dev = x.shape[0], x.device
+    _, mid, _ = _torch_grid(dev)
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    sub = x.reshape(n, 8, 32)
+    scales = _torch_sub_block_scales(sub.reshape(n * 8, 32)).reshape(n, 8)
+    # the sub-block scale of largest |d|, first occurrence (NaN never wins)
+    amax = torch.zeros(n, dtype=torch.float32, device=dev)
+    dmax = torch.zeros(n, dtype=torch.float32, device=dev)
+    for ib in range(8):
+        a = scales[:, ib].abs()
+        better = a > amax
+        amax = torch.where(better, a, amax)
+        dmax = torch.where(better, scales[:, ib], dmax)
+    d = -dmax / 32  # exact; -0.0 for an all-zero super-block: fp16 0x8000
+    inv = torch.where(d != 0, one / d, 0.0)
+    ls = _torch_nearest_int(inv.unsqueeze(1) * scales).clamp(-32, 31)  # (n, 8) int32
+    dl = d.unsqueeze(1) * ls.to(torch.float32)
+    idl = torch.where(dl != 0, one / dl, 0.0)
+    idx = _torch_best_index(idl.unsqueeze(2) * sub, mid)  # (n, 8, 32)
+    biased = ls + 32  # l + 32 in [0, 63]
+    scales_h = torch.zeros(n, dtype=torch.int32, device=dev)
+    for ib in range(8):  # high 2 bits of sub-block ib -> bits 2*ib, 2*ib+1
+        scales_h = scales_h | ((biased[:, ib] >> 4) << (2 * ib))
+    low = biased & 0xF
+    scales_l = low[:, 0::2] | (low[:, 1::2] << 4)  # even sub-blocks in the low nibble
+    out = torch.cat(
+        [
+            _torch_fp16_bytes(d),
+            torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1),
+            scales_l,
+            _torch_pack_nibbles(idx).reshape(n, 128).to(torch.int32),
+        ],
+        dim=1,
+    )
+    return out.to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- numba kernels
@@ -299,6 +444,11 @@ class IQ4_NL(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_NL):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _quantize_iq4_nl(blocks)
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, 18) on the same device, ggml's bytes."""
+        return _torch_quantize_iq4_nl(blocks)
+
     fast_kernel = staticmethod(_iq4_nl_kernel)
 
 
@@ -306,5 +456,10 @@ class IQ4_XS(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_XS):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _quantize_iq4_xs(blocks)
+
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 256) on any device -> uint8 (n, 136) on the same device, ggml's bytes."""
+        return _torch_quantize_iq4_xs(blocks)
 
     fast_kernel = staticmethod(_iq4_xs_kernel)

@@ -26,12 +26,16 @@ same order, with the same rounding:
   what happens.  Both implementations carry the nan through the same way.
 
 Layout: shared helpers, then one section per ggml helper (make_qx_quants,
-make_q3_quants) holding the numpy reference (vectorized over sub-blocks) and
-its numba twin (vectorized over SIMD lanes), then one section per type with
-its numba kernel and its class.
+make_q3_quants) holding the numpy reference (vectorized over sub-blocks), its
+torch port (``_torch_*``: the same steps on tensors of any device, CPU or
+CUDA) and its numba twin (vectorized over SIMD lanes), then one section per
+type with its numba kernel and its class (``quantize_blocks`` numpy,
+``quantize_blocks_torch`` torch).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -39,6 +43,9 @@ from gguf import GGMLQuantizationType
 from . import _jit
 from ._jit import F32, bits_f32, f32_bits, fp16_bits_to_fp32, fp32_to_fp16_bits
 from .gguf_py import GgufPyDequantize
+
+if TYPE_CHECKING:
+    import torch
 
 QK_K = 256
 SUB = 16  # values per sub-block
@@ -113,6 +120,112 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, lo: int, hi: int) -
     xs = x.reshape(-1, N_SUB, SUB)
     new = np.clip(_nearest_int(xs / d[:, :, None]), lo, hi) - lo
     return np.where((d != _ZERO)[:, :, None], new, L.reshape(-1, N_SUB, SUB)).reshape(-1, QK_K)
+
+
+# torch side: the same helpers on float32/int32 tensors, on any device.  The
+# operations are those of the numpy ones, one eager op at a time, with three
+# habits that keep CPU and CUDA on ggml's bytes:
+#
+# * a constant that divides is a float32 tensor on the device (``_torch_f32``):
+#   ``number / tensor`` is ``tensor.reciprocal() * number`` in torch (Tensor.__rdiv__),
+#   not a correctly rounded division (``-(nmax + 0.1*step) / vmax`` differs in
+#   about a quarter of cases); and on CUDA ``tensor / number`` (or a CPU scalar)
+#   multiplies by the reciprocal too.  Every division here is device tensor
+#   by device tensor, which is IEEE division on both devices;
+# * no fused op (add/sub with alpha, addcmul, fma, matmul...): ``a * b`` and
+#   ``+ c`` are separate kernels, so CUDA cannot contract them into an FMA;
+# * a nan produced by arithmetic (inf*0, 0/0, inf-inf) is 0xFFC00000 on x86,
+#   where ggml runs, and 0x7FFFFFFF on CUDA: whatever reads a nan's bits
+#   (nearest_int, fp16 rounding) selects x86's answer explicitly.
+
+
+def _torch_f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar tensor on ``like``'s device (``value`` rounded to float32, as F32(value))."""
+    import torch
+
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
+def _torch_nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int on a float32 tensor, as int32: round half to even for |f| < 2**22, garbage beyond.
+
+    ``f + 1.5*2**23`` is a float32 addition (the constant is exact), then its
+    bits are read.  Of nan the bits are the nan's: x86's nan (mantissa
+    0x400000) gives 0, CUDA's (0x7FFFFF) would give 4194303, so nan is mapped to
+    x86's 0 explicitly.  +-inf gives -4194304 on both.
+    """
+    import torch
+
+    r = ((f + float(_MAGIC)).view(torch.int32) & 0x7FFFFF) - 0x400000
+    return torch.where(torch.isnan(f), 0, r)
+
+
+def _torch_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's conversion of an int to int8_t (wraps modulo 256), on int32."""
+    return ((v + 128) & 255) - 128
+
+
+def _torch_fp16_round_trip(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 bytes little-endian as int32 (n, 2), the float32 ggml reads back) of float32 scales.
+
+    The conversion rounds to nearest even on CPU and CUDA alike; a nan is
+    stored as sign | 0x7E00 as ggml does (CUDA's would be 0x7FFF).  No nan
+    reaches it here (the super-block scale never is nan), but the bits stay
+    defined if one did.
+    """
+    import torch
+
+    h = d.to(torch.float16)
+    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    sign = (d.view(torch.int32) >> 16) & 0x8000
+    bits = torch.where(torch.isnan(d), sign | 0x7E00, bits)
+    return torch.stack([bits & 0xFF, bits >> 8], dim=1), h.to(torch.float32)
+
+
+def _torch_signed_absmax(v: torch.Tensor) -> torch.Tensor:
+    """Per row, the value with the largest |v| (first one on ties, sign kept), +0 if every |v| is 0.
+
+    ggml's scan ``if (fabsf(v) > amax)`` from amax = 0, column by column: a
+    strict comparison, so the first maximum wins and neither a zero (-0
+    included) nor a nan ever does.
+    """
+    import torch
+
+    amax = torch.zeros(v.shape[0], dtype=torch.float32, device=v.device)
+    vmax = torch.zeros_like(amax)
+    for i in range(v.shape[1]):
+        a = v[:, i].abs()
+        up = a > amax
+        amax = torch.where(up, a, amax)
+        vmax = torch.where(up, v[:, i], vmax)
+    return vmax
+
+
+def _torch_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Row sums accumulated left to right in float32, as ggml's ``acc += term`` loops (never torch.sum)."""
+    import torch
+
+    acc = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
+    for i in range(terms.shape[1]):
+        acc = acc + terms[:, i]
+    return acc
+
+
+def _torch_grid(iscale: torch.Tensor, x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """clamp(nearest_int(iscale*x), -nmax, nmax-1) per row scale ``iscale``, as int32."""
+    return _torch_nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+
+
+def _torch_requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """L = clamp(nearest_int(x/d), lo, hi) - lo per sub-block scale d (n, 16); L is kept where d == 0.
+
+    As ``_requantize``: a nan d counts as nonzero and gives nearest_int(nan) = 0.
+    """
+    import torch
+
+    xs = x.reshape(-1, N_SUB, SUB)
+    new = _torch_nearest_int(xs / d[:, :, None]).clamp(lo, hi) - lo
+    return torch.where((d != 0)[:, :, None], new, L.reshape(-1, N_SUB, SUB)).reshape(-1, QK_K)
 
 
 # numba side.  The kernels transpose a group of super-blocks into arrays
@@ -233,6 +346,38 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, _ZERO, scale), np.where(zero[:, None], 0, L)
 
 
+def _torch_make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants`` on float32 tensor rows: (scale float32 (m,), L int32 (m, n)), the same steps."""
+    import torch
+
+    vmax = _torch_signed_absmax(x)
+    zero = vmax.abs() < _torch_f32(GROUP_MAX_EPS, x)
+    w = x * x
+    wx = w * x  # ggml's w*x[i]*l is (w*x[i])*l: this product is the same for every candidate
+
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lf = _torch_grid(iscale, x, nmax).to(torch.float32)
+        return _torch_sequential_sum(wx * lf), _torch_sequential_sum((w * lf) * lf)
+
+    fmax = _torch_f32(nmax, x)
+    tenth = _torch_f32(0.1, x)
+    best_iscale = -fmax / vmax
+    sumlx, suml2 = sums(best_iscale)
+    scale = torch.where(suml2 != 0, sumlx / suml2, 0.0)  # C: suml2 ? .. : 0 (nan is true)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fmax + tenth * step) / vmax  # float32: nmax + 0.1f*step, then an IEEE division
+        sumlx, suml2 = sums(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    L = _torch_grid(best_iscale, x, nmax) + nmax  # ggml rewrites L with the winning iscale: same values
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
+
+
 @_jit.helper
 def _lane_sums(xt, w, wx, iscale, lo, hi, sumlx, suml2):  # type: ignore[no-untyped-def]
     """Per lane: sum of w*x*l and of w*l*l over the 16 elements, in order, l = grid(iscale*x)."""
@@ -345,6 +490,52 @@ def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             break
     scale = np.where(suml2 > _ZERO, sumlx / suml2, _ZERO).astype(np.float32)
     return np.where(zero, _ZERO, scale), np.where(zero[:, None], 0, L + nmax)
+
+
+def _torch_make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_q3_quants`` on float32 tensor rows: (scale float32 (m,), L int32 (m, n)), the same steps.
+
+    The numpy version stops once no row is active; here the 5 passes always
+    run, rows that stopped being masked out by ``active`` (no data-dependent
+    Python branch, so nothing waits on the device).
+    """
+    import torch
+
+    m, n = x.shape
+    vmax = _torch_signed_absmax(x)
+    zero = vmax.abs() < _torch_f32(GROUP_MAX_EPS, x)
+    w = x * x
+    wx = w * x
+    L = _torch_grid(-_torch_f32(nmax, x) / vmax, x, nmax)
+    lf = L.to(torch.float32)
+    sumlx = _torch_sequential_sum(wx * lf)
+    suml2 = _torch_sequential_sum((w * lf) * lf)
+    active = ~zero
+    for _ in range(5):
+        changed = torch.zeros(m, dtype=torch.bool, device=x.device)
+        for i in range(n):
+            old = L[:, i].to(torch.float32)
+            slx = sumlx - wx[:, i] * old  # the sums without element i
+            sl2 = suml2 - (w[:, i] * old) * old
+            # x*sl2/slx is unbounded (slx may be tiny): nearest_int's garbage, then the clamp, as in C
+            new = _torch_nearest_int((x[:, i] * sl2) / slx).clamp(-nmax, nmax - 1)
+            newf = new.to(torch.float32)
+            slx_new = slx + wx[:, i] * newf
+            sl2_new = sl2 + (w[:, i] * newf) * newf
+            take = (
+                active
+                & (slx > 0)
+                & (new != L[:, i])
+                & (sl2_new > 0)
+                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
+            )
+            L[:, i] = torch.where(take, new, L[:, i])
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+            changed = changed | take
+        active = active & changed
+    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L + nmax)
 
 
 @_jit.helper
@@ -594,6 +785,45 @@ class Q3_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q3_K):
         out[:, 108:110] = d_bytes
         return out
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 256) on any device -> uint8 (n, 110) on the same device, ggml's bytes."""
+        import torch
+
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
+        n = x.shape[0]
+        scales, L = _torch_make_q3_quants(x.reshape(-1, SUB), 4)
+        scales = scales.reshape(n, N_SUB)
+        L = L.reshape(n, QK_K)
+
+        max_scale = _torch_signed_absmax(scales)
+        has_scale = max_scale != 0
+        iscale = _torch_f32(-32.0, x) / torch.where(has_scale, max_scale, 1.0)
+        # C stores nearest_int into an int8_t before clamping, hence the wrap.
+        sc = _torch_to_int8(_torch_nearest_int(iscale[:, None] * scales)).clamp(-32, 31) + 32
+        sc = torch.where(has_scale[:, None], sc, 0)  # no scale: the 12 bytes stay zero
+        d_bytes, d = _torch_fp16_round_trip(torch.where(has_scale, _torch_f32(1.0, x) / iscale, 0.0))
+        # The block is requantized with what the bytes say: d(fp16) * (sc - 32).
+        d_sub = d[:, None] * (sc - 32).to(torch.float32)
+        L = _torch_requantize(x, L, d_sub, -4, 3)
+
+        high = (L > 3).to(torch.int32)
+        planes = high.reshape(n, 8, 32)  # bit k of hmask[m]: bit 2 of the level of value 32k + m
+        hmask = planes[:, 0]
+        for k in range(1, 8):
+            hmask = hmask | (planes[:, k] << k)
+        low = torch.where(L > 3, L - 4, L).reshape(n, 2, 4, 32)  # [half, quarter, l]
+        qs = low[:, :, 0]
+        for q in range(1, 4):
+            qs = qs | (low[:, :, q] << (2 * q))
+        sc_low = (sc[:, :8] & 15) | ((sc[:, 8:] & 15) << 4)
+        hi2 = (sc >> 4).reshape(n, 4, 4)  # [j // 4, j % 4]
+        sc_high = hi2[:, 0]
+        for q in range(1, 4):
+            sc_high = sc_high | (hi2[:, q] << (2 * q))
+        out = torch.cat([hmask, qs.reshape(n, 64), sc_low, sc_high, d_bytes], dim=1)
+        return (out & 0xFF).to(torch.uint8)
+
 
 # =========================================================================== Q6_K
 
@@ -713,3 +943,33 @@ class Q6_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q6_K):
         out[:, 208:210] = d_bytes
         out[empty] = 0
         return out
+
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 256) on any device -> uint8 (n, 210) on the same device, ggml's bytes."""
+        import torch
+
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
+        n = x.shape[0]
+        scales, L = _torch_make_qx_quants(x.reshape(-1, SUB), 32)
+        scales = scales.reshape(n, N_SUB)
+        L = L.reshape(n, QK_K)
+
+        max_scale = _torch_signed_absmax(scales)
+        empty = max_scale.abs() < _torch_f32(GROUP_MAX_EPS, x)  # ggml memsets the whole block
+        iscale = _torch_f32(-128.0, x) / torch.where(empty, 1.0, max_scale)
+        sc = _torch_to_int8(_torch_nearest_int(iscale[:, None] * scales).clamp(max=127))
+        d_bytes, d = _torch_fp16_round_trip(_torch_f32(1.0, x) / iscale)
+        d_sub = d[:, None] * sc.to(torch.float32)
+        L = _torch_requantize(x, L, d_sub, -32, 31)
+
+        L = L.reshape(n, 2, 4, 32)  # [half, quarter, l]
+        ql = torch.stack(  # [half, 0: quarters 0|2, 1: quarters 1|3, l]
+            [(L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4), (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)], dim=2
+        )
+        qh = L[:, :, 0] >> 4
+        for q in range(1, 4):
+            qh = qh | ((L[:, :, q] >> 4) << (2 * q))
+        out = torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc & 0xFF, d_bytes], dim=1)
+        out = torch.where(empty[:, None], 0, out)
+        return (out & 0xFF).to(torch.uint8)

@@ -46,11 +46,13 @@ Dequantization goes through gguf-py, which equals ggml's ``dequantize_row_*``.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
 from ._jit import F32
 from ._jit import fp16_bits
+from .float import _torch_fp16_bits, _torch_le_bytes
 from .gguf_py import GgufPyDequantize
 
 QK = 32  # values per block
@@ -181,6 +183,146 @@ def _q4_1_reference(x: np.ndarray) -> np.ndarray:
 def _q5_1_reference(x: np.ndarray) -> np.ndarray:
     d, m, q = _affine(x, 31, clamp=False)
     return np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _pack_qh(q), _pack_nibbles(q, 0x0F)], axis=1)
+
+
+# =========================================================================== torch reference
+#
+# The numpy reference above, op for op, in eager torch on any device: every
+# tensor and constant lives on ``blocks.device``, everything is float32 with
+# one rounding per op, and nothing branches on data.  What keeps CPU and CUDA
+# byte-identical to ggml:
+#
+# * Products and sums are separate ops (``x * id`` then ``+ 8.5``), never a
+#   fused kernel that CUDA could contract to an FMA.
+# * Divisors are float32 tensors on the device, never Python numbers: CUDA
+#   turns a division by a CPU scalar into a multiplication by its reciprocal,
+#   which for 1/15, 1/31 or 1/127 is not the same float32.  (``1.0 / t`` is
+#   ``t.reciprocal() * 1.0`` in torch, so the inverse divides a ones tensor.)
+# * float -> int casts see in-range values only; the x86 result (INT32_MIN)
+#   for NaN and out-of-range values is selected explicitly, since CUDA
+#   saturates and maps NaN to 0 instead.
+# * The max-|x| and min/max searches are loops over the element index with
+#   ggml's strict comparisons, which settle ties, signed zeros and NaN as C does.
+
+
+def _torch_f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 constant on ``like``'s device (see above: used for every divisor)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def _torch_cvtt_i32(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 as x86's truncating conversion: NaN and out-of-range give INT32_MIN."""
+    ok = (v >= -(2.0**31)) & (v < 2.0**31)  # False for NaN
+    return torch.where(ok, torch.where(ok, v, 0.0).to(torch.int32), -(2**31))
+
+
+def _torch_int8(t: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)`` of an int32: the low byte, sign-extended."""
+    return ((t & 0xFF) ^ 0x80) - 0x80
+
+
+def _torch_inverse(d: torch.Tensor) -> torch.Tensor:
+    """ggml's ``id = d ? 1.0f/d : 0.0f`` (inf when d is a tiny subnormal)."""
+    nonzero = d != 0.0
+    return torch.where(nonzero, _torch_f32(1.0, d) / torch.where(nonzero, d, 1.0), 0.0)
+
+
+def _torch_fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) uint8: ggml's fp16 of each value, little-endian."""
+    return _torch_le_bytes(_torch_fp16_bits(v), 2)
+
+
+def _torch_roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf (half away from zero) on float32, exactly: ``v - trunc(v)`` is exact; +-inf and NaN pass."""
+    t = torch.trunc(v)
+    return torch.where((v - t).abs() >= 0.5, t + torch.copysign(torch.ones_like(v), v), t)
+
+
+def _torch_signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per block, ggml's ``amax = max = 0.0f; if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``."""
+    amax = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    signed = torch.zeros_like(amax)
+    for j in range(x.shape[1]):
+        a = x[:, j].abs()
+        take = amax < a
+        amax = torch.where(take, a, amax)
+        signed = torch.where(take, x[:, j], signed)
+    return signed
+
+
+def _torch_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, ggml's ``if (v < min) min = v; if (v > max) max = v;`` from +-FLT_MAX."""
+    flt_max = torch.finfo(torch.float32).max
+    lo = torch.full((x.shape[0],), flt_max, dtype=torch.float32, device=x.device)
+    hi = torch.full_like(lo, -flt_max)
+    for j in range(x.shape[1]):
+        v = x[:, j]
+        lo = torch.where(v < lo, v, lo)
+        hi = torch.where(v > hi, v, hi)
+    return lo, hi
+
+
+def _torch_pack_nibbles(q: torch.Tensor, mask: int = 0xFF) -> torch.Tensor:
+    """(n, 32) int32 -> (n, 16) uint8: low nibble value j, high nibble value j+16 (see ``_pack_nibbles``)."""
+    return (((q[:, :16] & mask) | ((q[:, 16:] & mask) << 4)) & 0xFF).to(torch.uint8)
+
+
+def _torch_pack_qh(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) int32 -> (n, 4) uint8: the little-endian u32 whose bit j is bit 4 of value j."""
+    shifts = torch.arange(QK, dtype=torch.int64, device=q.device)
+    qh = (((q >> 4) & 1).to(torch.int64) << shifts).sum(dim=1)  # disjoint bits: the integer sum is their OR
+    return _torch_le_bytes(qh, 4)
+
+
+def _torch_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16): the scale d and the unsigned values q."""
+    d = _torch_signed_absmax(x) / _torch_f32(-nmax, x)
+    id_ = _torch_inverse(d)
+    v = x * id_[:, None] + (nmax + 0.5)  # product, then sum, each rounded to float32
+    # With d subnormal, id is inf and every v is +-inf or NaN: INT32_MIN, byte 0.
+    q = _torch_int8(_torch_cvtt_i32(v)).clamp(max=2 * nmax - 1)
+    return d, q & 0xFF  # MIN() is an int, stored as uint8_t
+
+
+def _torch_affine(x: torch.Tensor, nmax: int, clamp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 (nmax 15, clamped) / Q5_1 (nmax 31, not clamped): d, m = min and the values q."""
+    lo, hi = _torch_min_max(x)
+    d = (hi - lo) / _torch_f32(nmax, x)  # inf if max - min overflows: id 0, v 0.5 or NaN
+    id_ = _torch_inverse(d)
+    v = (x - lo[:, None]) * id_[:, None] + 0.5
+    q = _torch_cvtt_i32(v)
+    if clamp:  # MIN(15, (int8_t)v)
+        q = _torch_int8(q).clamp(max=nmax)
+    return d, lo, q & 0xFF  # (uint8_t)v is the low byte
+
+
+def _q8_0_torch(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().amax(dim=1) / _torch_f32(127.0, x)  # a max is exact in any order (finite input)
+    id_ = _torch_inverse(d)
+    q = _torch_cvtt_i32(_torch_roundf(x * id_[:, None]))
+    return torch.cat([_torch_fp16_bytes(d), (q & 0xFF).to(torch.uint8)], dim=1)
+
+
+def _q4_0_torch(x: torch.Tensor) -> torch.Tensor:
+    d, q = _torch_symmetric(x, 8)
+    return torch.cat([_torch_fp16_bytes(d), _torch_pack_nibbles(q)], dim=1)
+
+
+def _q5_0_torch(x: torch.Tensor) -> torch.Tensor:
+    d, q = _torch_symmetric(x, 16)
+    return torch.cat([_torch_fp16_bytes(d), _torch_pack_qh(q), _torch_pack_nibbles(q, 0x0F)], dim=1)
+
+
+def _q4_1_torch(x: torch.Tensor) -> torch.Tensor:
+    d, m, q = _torch_affine(x, 15, clamp=True)
+    return torch.cat([_torch_fp16_bytes(d), _torch_fp16_bytes(m), _torch_pack_nibbles(q)], dim=1)
+
+
+def _q5_1_torch(x: torch.Tensor) -> torch.Tensor:
+    d, m, q = _torch_affine(x, 31, clamp=False)
+    return torch.cat(
+        [_torch_fp16_bytes(d), _torch_fp16_bytes(m), _torch_pack_qh(q), _torch_pack_nibbles(q, 0x0F)], dim=1
+    )
 
 
 # =========================================================================== numba kernels
@@ -372,6 +514,11 @@ class Q8_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q8_0):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _q8_0_reference(blocks)
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
+        return _q8_0_torch(blocks)
+
     fast_kernel = staticmethod(_q8_0_kernel) if _q8_0_kernel is not None else None
 
 
@@ -379,6 +526,11 @@ class Q4_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _q4_0_reference(blocks)
+
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
+        return _q4_0_torch(blocks)
 
     fast_kernel = staticmethod(_q4_0_kernel) if _q4_0_kernel is not None else None
 
@@ -388,6 +540,11 @@ class Q4_1(GgufPyDequantize, qtype=GGMLQuantizationType.Q4_1):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _q4_1_reference(blocks)
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
+        return _q4_1_torch(blocks)
+
     fast_kernel = staticmethod(_q4_1_kernel) if _q4_1_kernel is not None else None
 
 
@@ -396,6 +553,11 @@ class Q5_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q5_0):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _q5_0_reference(blocks)
 
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
+        return _q5_0_torch(blocks)
+
     fast_kernel = staticmethod(_q5_0_kernel) if _q5_0_kernel is not None else None
 
 
@@ -403,5 +565,10 @@ class Q5_1(GgufPyDequantize, qtype=GGMLQuantizationType.Q5_1):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _q5_1_reference(blocks)
+
+    @classmethod
+    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
+        return _q5_1_torch(blocks)
 
     fast_kernel = staticmethod(_q5_1_kernel) if _q5_1_kernel is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 from llmdeploy import quants
@@ -20,7 +21,7 @@ FLOATS = [T.F32, T.F16, T.BF16]
 
 def backends(qtype: T) -> list[str]:
     has_fast = quants.quant_type(qtype).fast_kernel is not None and _jit.AVAILABLE
-    return ["reference", "fast"] if has_fast else ["reference"]
+    return (["reference", "fast"] if has_fast else ["reference"]) + ["torch"]
 
 
 def both_backends(x: np.ndarray, qtype: T) -> np.ndarray:
@@ -83,3 +84,41 @@ def test_fast_equals_reference_across_chunks(qtype: T) -> None:
     expected = ggml.quantize(x, qtype)
     for backend, data in ours.items():
         np.testing.assert_array_equal(data, expected, err_msg=backend)
+
+
+def _edge_values() -> np.ndarray:
+    """The F16/BF16 edges of both signs, then random bit patterns (NaN and inf included)."""
+    u = np.random.default_rng(1).integers(0, 2**32, 1 << 14, dtype=np.uint64).astype(np.uint32)
+    bf16_edges = _bits(0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00008000)
+    nans = _bits(0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FFFFFFF, 0x7F800000, 0xFF800000)
+    return np.concatenate([F16_EDGES, -F16_EDGES, bf16_edges, nans, u.view(np.float32)])
+
+
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
+def test_torch_non_finite_values_match_ggml(qtype: T) -> None:
+    # quantize() rejects NaN and inf, but the torch kernels are written to give
+    # ggml's bytes for them too: F16 NaN -> sign | 0x7E00, BF16 NaN truncated and quieted.
+    x = _edge_values()
+    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x[:, None])).numpy()
+    np.testing.assert_array_equal(ours.reshape(-1), ggml.quantize(x[None], qtype).reshape(-1))
+
+
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
+def test_torch_stays_on_the_input_device(qtype: T) -> None:
+    # On the meta device any tensor made without device= (a CPU constant
+    # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
+    cls = quants.quant_type(qtype)
+    out = cls.quantize_blocks_torch(torch.empty(3, cls.block_size, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
+    "and byte-for-byte on CUDA where a GPU exists",
+)
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
+def test_torch_on_cuda_matches_ggml(qtype: T) -> None:
+    x = _edge_values()
+    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x[:, None]).cuda()).cpu().numpy()
+    np.testing.assert_array_equal(ours.reshape(-1), ggml.quantize(x[None], qtype).reshape(-1))

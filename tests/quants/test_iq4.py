@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType
 
 from llmdeploy import quants
@@ -23,7 +24,7 @@ except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
 NL, XS = GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS
-BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
+BACKENDS = ["reference", "fast", "torch"] if _jit.AVAILABLE else ["reference", "torch"]
 
 
 def ours_and_ggml(x: np.ndarray, qtype: GGMLQuantizationType) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -75,6 +76,8 @@ def test_best_index_ties_at_midpoints_go_up() -> None:
     np.testing.assert_array_equal(iq4._best_index(iq4._MID), np.arange(1, 16))
     if _jit.AVAILABLE:
         np.testing.assert_array_equal([iq4._nb_best_index(v) for v in x], expected)
+    _, mid, _ = iq4._torch_grid(torch.device("cpu"))
+    np.testing.assert_array_equal(iq4._torch_best_index(torch.from_numpy(x), mid).numpy(), expected)
 
 
 def test_best_index_nan_is_top_index() -> None:
@@ -83,6 +86,8 @@ def test_best_index_nan_is_top_index() -> None:
     assert iq4._best_index(nan)[0] == 15
     if _jit.AVAILABLE:
         assert iq4._nb_best_index(nan[0]) == 15
+    _, mid, _ = iq4._torch_grid(torch.device("cpu"))
+    assert iq4._torch_best_index(torch.from_numpy(nan), mid)[0] == 15
 
 
 def test_blocks_on_the_grid_and_midpoints_match_ggml() -> None:
@@ -160,3 +165,33 @@ def test_full_range_float32_bits(qtype: GGMLQuantizationType) -> None:
     x = rng.integers(0, 2**32, (8, 512), dtype=np.uint64).astype(np.uint32).view(np.float32).copy()
     x[~np.isfinite(x)] = np.float32(-3e38)
     ours_and_ggml(x, qtype)
+
+
+def test_torch_nan_follows_x86() -> None:
+    """CUDA's NaN (0x7FFFFFFF) is not x86's (0xFFC00000): the torch helpers give x86's
+    results for either bit pattern (nearest_int 0, fp16 0xFE00)."""
+    nans = torch.tensor([0xFFC00000 - 2**32, 0x7FFFFFFF, 0x7FC00000], dtype=torch.int64).to(torch.int32)
+    v = nans.view(torch.float32)
+    assert iq4._torch_nearest_int(v).tolist() == [0, 0, 0]
+    assert iq4._torch_fp16_bytes(v).tolist() == [[0x00, 0xFE]] * 3
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here and byte-for-byte on CUDA "
+    "where a GPU exists",
+)
+@pytest.mark.parametrize("qtype", [NL, XS], ids=lambda t: t.name)
+def test_torch_on_cuda_matches_ggml(qtype: GGMLQuantizationType) -> None:
+    """Mixed edge-case blocks, full-range float32 bits and overflowing weights, quantized on the GPU."""
+    cls = quants.quant_type(qtype)
+    rng = np.random.default_rng(int(qtype))
+    mixed = mixed_blocks(rng, 64 * cls.block_size // 256, 256)
+    bits = rng.integers(0, 2**32, (8, 512), dtype=np.uint64).astype(np.uint32).view(np.float32).copy()
+    bits[~np.isfinite(bits)] = np.float32(-3e38)
+    overflow = np.zeros((1, 256), np.float32)
+    overflow[0, 0], overflow[0, 1], overflow[0, 40:64] = 1e30, -1e20, 2.5
+    for x in (mixed, bits, overflow):
+        blocks = np.ascontiguousarray(x, np.float32).reshape(-1, cls.block_size)
+        ours = cls.quantize_blocks_torch(torch.from_numpy(blocks).cuda()).cpu().numpy()
+        np.testing.assert_array_equal(ours, ggml.quantize(blocks, qtype))

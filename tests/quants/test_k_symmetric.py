@@ -2,13 +2,15 @@
 
 test_oracle.py covers both types on generic cases; each test here pins one
 numerical corner of quantize_row_q3_K_ref / quantize_row_q6_K_ref that a
-plausible rewrite could get wrong, on both backends.
+plausible rewrite could get wrong, on every backend: the numpy reference, the
+numba kernels and the torch port (on CPU here; on CUDA too where a GPU exists).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 from llmdeploy import quants
@@ -24,7 +26,8 @@ except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
 TYPES = [T.Q3_K, T.Q6_K]
-BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
+BACKENDS = ["reference", "fast", "torch"] if _jit.AVAILABLE else ["reference", "torch"]
+CLASSES = {T.Q3_K: ks.Q3_K, T.Q6_K: ks.Q6_K}
 
 
 def same_as_ggml(x: np.ndarray, qtype: T) -> np.ndarray:
@@ -180,3 +183,58 @@ def test_fast_equals_reference_on_64_mixed_blocks(qtype: T) -> None:
     x = np.concatenate([mixed_blocks(rng, 6, 2048).reshape(-1, 256), tiny_and_huge_rows(rng, 16, 256)])
     assert x.shape[0] == 64
     same_as_ggml(x, qtype)
+
+
+def edge_case_blocks() -> np.ndarray:
+    """Mixed 32-value patterns, whole blocks at the extremes, and the overflow/nan corners above."""
+    rng = np.random.default_rng(2024)
+    huge = rng.standard_normal((5, 256)).astype(np.float32)
+    huge[0] *= np.float32(1e38)
+    huge[1, ::7] = np.float32(3e38)
+    huge[1, 1::7] = np.float32(-1e20)
+    huge[2, :16] = 0
+    huge[2, 0], huge[2, 1] = np.float32(1e15), np.float32(1e13)  # a nan sub-block scale
+    huge[3, :16] *= np.float32(1e-4)  # a sub-block scale that rounds to 0
+    huge[4] = np.float32(-0.0)
+    return np.concatenate(
+        [mixed_blocks(rng, 4, 2048).reshape(-1, 256), tiny_and_huge_rows(rng, 10, 256), huge]
+    ).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_torch_helpers_match_numpy_sub_block_fits(qtype: T) -> None:
+    # The sub-block optimizers themselves, bit for bit (nan scales included).
+    sub = edge_case_blocks().reshape(-1, 16)
+    if qtype == T.Q3_K:
+        scale, L = ks.make_q3_quants(sub, 4)
+        t_scale, t_L = ks._torch_make_q3_quants(torch.from_numpy(sub), 4)
+    else:
+        scale, L = ks.make_qx_quants(sub, 32)
+        t_scale, t_L = ks._torch_make_qx_quants(torch.from_numpy(sub), 32)
+    np.testing.assert_array_equal(t_scale.numpy().view(np.int32), scale.view(np.int32))
+    np.testing.assert_array_equal(t_L.numpy(), L)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
+                "and byte-for-byte on CUDA where a GPU exists",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_torch_kernel_on_device_matches_ggml(qtype: T, device: str) -> None:
+    x = edge_case_blocks()
+    out = CLASSES[qtype].quantize_blocks_torch(torch.from_numpy(x).to(device))
+    assert out.device.type == device and out.dtype == torch.uint8
+    ours = out.cpu().numpy()
+    expected = ggml.quantize(x, qtype).reshape(ours.shape)
+    bad = np.flatnonzero((ours != expected).any(axis=1))
+    assert bad.size == 0, f"{qtype.name} torch on {device}: blocks {bad[:8].tolist()} differ from ggml"

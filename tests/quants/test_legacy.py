@@ -1,14 +1,15 @@
 """Regressions for the legacy types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (llmdeploy/quants/legacy.py).
 
-Each test names the ggml detail it guards and checks both backends against
-ggml's own bytes (``ggml_quantize_chunk``), plus the expected bytes where
-they are easy to state by hand.
+Each test names the ggml detail it guards and checks every backend (numpy
+reference, numba, torch) against ggml's own bytes (``ggml_quantize_chunk``),
+plus the expected bytes where they are easy to state by hand.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,11 +27,11 @@ except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
 LEGACY = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
-BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
+BACKENDS = (["reference", "fast"] if _jit.AVAILABLE else ["reference"]) + ["torch"]
 
 
 def both_backends(x: np.ndarray, qtype: T) -> np.ndarray:
-    """ggml's bytes for x, after checking that both backends give exactly them."""
+    """ggml's bytes for x, after checking that every backend gives exactly them."""
     x = np.asarray(x, np.float32).reshape(-1, 32)
     expected = ggml.quantize(x, qtype)
     for backend in BACKENDS:
@@ -144,3 +145,38 @@ def test_edge_value_blocks_match_ggml(qtype: T, data: st.DataObject) -> None:
     # Blocks built from zeros of both signs, subnormals, halves and extremes.
     x = data.draw(hnp.arrays(np.float32, (2, 32), elements=_edge_values))
     both_backends(x, qtype)
+
+
+def _edge_blocks() -> np.ndarray:
+    """mixed_blocks plus blocks of subnormals, signed zeros, ties and overflowing ranges."""
+    rng = np.random.default_rng(7)
+    edges = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.1754942e-38, 0.5, -0.5, 3e38, -3.4e38], np.float32)
+    return np.concatenate(
+        [
+            mixed_blocks(rng, 8, 1024).reshape(-1, 32),
+            rng.choice(edges, (64, 32)).astype(np.float32),
+            (rng.standard_normal((8, 32)) * 1e-40).astype(np.float32),
+            np.linspace(-3e38, 3e38, 32, dtype=np.float32)[None],
+        ]
+    )
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_torch_stays_on_the_input_device(qtype: T) -> None:
+    # On the meta device any tensor made without device= (a CPU constant
+    # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
+    cls = quants.quant_type(qtype)
+    out = cls.quantize_blocks_torch(torch.empty(3, cls.block_size, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
+    "and byte-for-byte on CUDA where a GPU exists",
+)
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_torch_on_cuda_matches_ggml(qtype: T) -> None:
+    x = _edge_blocks()
+    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x).cuda()).cpu().numpy()
+    np.testing.assert_array_equal(ours, ggml.quantize(x, qtype).reshape(ours.shape))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 from llmdeploy import quants
@@ -17,11 +18,11 @@ try:
 except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
-BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
+BACKENDS = (["reference", "fast"] if _jit.AVAILABLE else ["reference"]) + ["torch"]
 
 
 def both_backends(x: np.ndarray, qtype: T) -> np.ndarray:
-    """ggml's bytes for x, after checking that both backends give exactly them."""
+    """ggml's bytes for x, after checking that every backend (numpy, numba, torch) gives exactly them."""
     x = np.asarray(x, np.float32).reshape(-1, 256)
     expected = ggml.quantize(x, qtype)
     for backend in BACKENDS:
@@ -102,3 +103,49 @@ def test_subnormal_scale_gives_zero_trits(qtype: T) -> None:
 def test_fast_equals_reference_on_mixed_blocks(qtype: T) -> None:
     x = mixed_blocks(np.random.default_rng(int(qtype)), 3, 2048)
     both_backends(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("scale", [1e-40, 5e-39, 1.1754942e-38], ids=["id-inf", "id-finite", "largest"])
+def test_subnormal_scales(qtype: T, scale: float) -> None:
+    # A subnormal d below 2**-128 gives id = inf (every trit 1, see above);
+    # above it 1/d is finite and the trits are the usual ones.
+    x = np.random.default_rng(4).uniform(-1, 1, 256).astype(np.float32) * np.float32(scale)
+    x[9] = np.float32(scale)
+    both_backends(x, qtype)
+
+
+def _edge_blocks() -> np.ndarray:
+    """mixed_blocks plus subnormal-scale blocks (inf and finite 1/d) and half-way trits."""
+    rng = np.random.default_rng(8)
+    halves = np.zeros((1, 256), np.float32)
+    halves[0, :6] = [1.0, 0.5, -0.5, 0.49999997, -0.49999997, -1.0]
+    return np.concatenate(
+        [
+            mixed_blocks(rng, 4, 2048).reshape(-1, 256),
+            (rng.standard_normal((4, 256)) * 1e-40).astype(np.float32),
+            (rng.uniform(-1, 1, (4, 256)) * 5e-39).astype(np.float32),
+            halves,
+        ]
+    )
+
+
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
+def test_torch_stays_on_the_input_device(qtype: T) -> None:
+    # On the meta device any tensor made without device= (a CPU constant
+    # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
+    cls = quants.quant_type(qtype)
+    out = cls.quantize_blocks_torch(torch.empty(3, cls.block_size, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
+    "and byte-for-byte on CUDA where a GPU exists",
+)
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
+def test_torch_on_cuda_matches_ggml(qtype: T) -> None:
+    x = _edge_blocks()
+    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x).cuda()).cpu().numpy()
+    np.testing.assert_array_equal(ours, ggml.quantize(x, qtype).reshape(ours.shape))
