@@ -15,7 +15,7 @@ every constant below is an ``np.float32`` and integers are cast with ``F32(..)``
 before they meet a float.
 
 When numba is missing or broken, :data:`AVAILABLE` is False, the functions
-stay plain Python and callers use the numpy reference instead.
+stay plain Python and callers use the (torch) reference kernels instead.
 """
 
 from __future__ import annotations

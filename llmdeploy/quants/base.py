@@ -4,12 +4,13 @@ A quant type is one small class, registered by the gguf enum it implements::
 
     class Q8_0(QuantType, qtype=GGMLQuantizationType.Q8_0):
         @classmethod
-        def quantize_blocks(cls, blocks): ...      # numpy reference
-        fast_kernel = staticmethod(_q8_0_kernel)  # optional numba kernel
+        def quantize_blocks(cls, blocks): ...      # reference: eager torch, CPU or GPU
+        fast_kernel = staticmethod(_q8_0_kernel)  # optional numba kernel (CPU)
 
 Kernels only ever see blocks: ``quantize_blocks`` maps float32
-``(n_blocks, block_size)`` to uint8 ``(n_blocks, type_size)`` and
-``dequantize_blocks`` maps back.  Without an importance matrix every GGUF
+``(n_blocks, block_size)`` to uint8 ``(n_blocks, type_size)`` (torch tensors on
+one device), the fast kernel does the same on numpy arrays, and
+``dequantize_blocks`` maps numpy bytes back.  Without an importance matrix every GGUF
 block type quantizes each block independently of the others, so the wiring
 below may cut a tensor into chunks of whole blocks anywhere, run them on
 several threads, and still produce exactly ggml's bytes.  Block geometry comes
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -35,14 +36,17 @@ from ..errors import (
 from . import _jit
 from ._input import Values
 
+if TYPE_CHECKING:
+    import torch
+
 QTypeLike = Union[GGMLQuantizationType, str]
-Backend = Literal["auto", "fast", "reference", "torch"]
+Backend = Literal["auto", "fast", "reference"]
 
 #: Values per work chunk.  1 MiB of float32: big enough to amortise the
 #: per-chunk Python overhead, small enough to stay in cache and to keep the
-#: temporaries of the numpy reference path small whatever the tensor size.
+#: temporaries of the reference kernels small whatever the tensor size.
 CHUNK_VALUES = 1 << 18
-#: Values per chunk for the torch kernels on a GPU (16 MiB of float32).
+#: Values per chunk for the reference kernels on a GPU (16 MiB of float32).
 GPU_CHUNK_VALUES = 1 << 22
 
 _REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
@@ -77,8 +81,12 @@ class QuantType:
         return cls.quantize_blocks.__func__ is not QuantType.quantize_blocks.__func__  # type: ignore[attr-defined]
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """float32 ``(n, block_size)`` -> uint8 ``(n, type_size)``, ggml's bytes (numpy reference)."""
+    def quantize_blocks(cls, blocks: "torch.Tensor") -> "torch.Tensor":
+        """float32 ``(n, block_size)`` -> uint8 ``(n, type_size)`` on the same device, ggml's bytes.
+
+        The reference: eager torch, vectorized across blocks, in ggml's order of
+        float operations, so the same code is exact on a CPU and on a CUDA GPU.
+        """
         raise UnsupportedQuantTypeError(
             f"llmdeploy can read {cls.qtype.name} but not write it. "
             f"Types it can quantize to: {', '.join(quantizable_type_names())}."
@@ -156,38 +164,36 @@ def _notice_once(key: str, message: str) -> None:
 
 
 def _resolve_backend(cls: type[QuantType], backend: Backend, device: Any, values: Values) -> tuple[str, Any]:
-    """``("fast" | "reference" | "torch", torch device or None)`` for this call.
+    """``("fast", None)`` or ``("reference", torch device)`` for this call.
 
-    A non-CPU ``device`` (or a tensor already on one) means the torch kernels on
-    that device; otherwise 'auto' prefers the numba kernel, falling back to the
-    reference with one notice when numba is missing.
+    A non-CPU ``device`` (or a tensor already on one) means the reference
+    (torch) kernels on that device; otherwise 'auto' prefers the numba kernel,
+    falling back to the reference on the CPU, with one notice, when numba is missing.
     """
-    if backend not in ("auto", "fast", "reference", "torch"):
-        raise UnsupportedQuantTypeError(f"backend must be 'auto', 'fast', 'reference' or 'torch', got {backend!r}.")
+    import torch
+
+    if backend not in ("auto", "fast", "reference"):
+        raise UnsupportedQuantTypeError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}.")
     if device is None and values.device is not None and values.device.type != "cpu":
         device = values.device
-    if device is not None:
-        import torch
-
-        device = torch.device(device)
-        if device.type != "cpu":
-            if backend == "fast":
-                raise UnsupportedQuantTypeError(
-                    f"The numba kernels run on the CPU only; drop backend='fast' to quantize on {device}."
-                )
-            backend = "torch"
-    if backend == "torch":
-        if not hasattr(cls, "quantize_blocks_torch"):
-            raise UnsupportedQuantTypeError(f"{cls.qtype.name} has no torch kernel yet; use the CPU.")
-        import torch
-
-        return "torch", device if device is not None else torch.device("cpu")
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cpu":
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedQuantTypeError(
+                f"device={str(device)!r} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU. "
+                "Leave device unset to quantize on the CPU."
+            )
+        if backend == "fast":
+            raise UnsupportedQuantTypeError(
+                f"The fast (numba) kernels run on the CPU only; drop backend='fast' to quantize on {device}."
+            )
+        return "reference", device
     if backend == "reference":
-        return "reference", None
+        return "reference", device
     if cls.fast_kernel is None:
         if backend == "fast":
             raise UnsupportedQuantTypeError(f"{cls.qtype.name} has no fast kernel; use backend='auto' or 'reference'.")
-        return "reference", None
+        return "reference", device
     if not _jit.AVAILABLE:
         if backend == "fast":
             raise NotSupportedYetError(f"The fast kernels need numba, which failed to load ({_jit.UNAVAILABLE_REASON}).")
@@ -196,7 +202,7 @@ def _resolve_backend(cls: type[QuantType], backend: Backend, device: Any, values
             f"llmdeploy: numba is unavailable ({_jit.UNAVAILABLE_REASON}); quantizing with the slower "
             "reference kernels (same bytes). `pip install numba` restores the fast path.",
         )
-        return "reference", None
+        return "reference", device
     return "fast", None
 
 
@@ -239,10 +245,10 @@ def quantize(
         qtype: a ``gguf.GGMLQuantizationType`` or its name in any case (``"q4_k"``).
         imatrix: importance weights, one per column (llama.cpp's imatrix). Not yet supported.
         threads: CPU worker threads; default ``LLMDEPLOY_NUM_THREADS`` or all usable cores.
-        backend: ``"auto"`` (numba kernels when available), ``"fast"`` (numba, or an error),
-            ``"reference"`` (the readable implementation) or ``"torch"`` (the torch kernels,
-            which also run on GPUs). All give the same bytes.
-        device: where the torch kernels run, e.g. ``"cuda"``. Default: the CPU, or the
+        backend: ``"auto"`` (the numba kernels on the CPU when available), ``"fast"`` (numba,
+            or an error) or ``"reference"`` (the readable torch kernels, which also run on
+            GPUs). All give the same bytes.
+        device: where the reference kernels run, e.g. ``"cuda"``. Default: the CPU, or the
             device of a tensor ``x`` that is not on the CPU.
 
     Returns:
@@ -257,7 +263,7 @@ def quantize(
     """
     cls = quant_type(qtype)
     if not cls.can_quantize():
-        cls.quantize_blocks(np.empty((0, cls.block_size), np.float32))  # raises the explanatory error
+        cls.quantize_blocks(None)  # type: ignore[arg-type]  # raises the explanatory error
     values = Values(x)
     n_cols = values.shape[-1]
     _check_row_length(n_cols, cls, "row")
@@ -273,7 +279,7 @@ def quantize(
     out = np.empty((values.size // bs, cls.type_size), np.uint8)
     chunk_values = CHUNK_VALUES
 
-    if mode == "torch":
+    if mode == "reference":
         import torch
 
         if device.type != "cpu":  # one stream of large chunks keeps a GPU busy
@@ -283,19 +289,14 @@ def quantize(
             chunk = values.torch_chunk(lo * bs, hi * bs, device).reshape(-1, bs)
             if not bool(torch.isfinite(chunk).all()):
                 return False
-            out[lo:hi] = cls.quantize_blocks_torch(chunk).cpu().numpy()  # type: ignore[attr-defined]
+            out[lo:hi] = cls.quantize_blocks(chunk).cpu().numpy()
             return True
 
     else:
-        kernel = cls.fast_kernel if mode == "fast" else None
+        kernel = cls.fast_kernel
 
         def run(lo: int, hi: int) -> bool:
             chunk = values.numpy_chunk(lo * bs, hi * bs).reshape(-1, bs)
-            if kernel is None:
-                if not np.isfinite(chunk).all():
-                    return False
-                out[lo:hi] = cls.quantize_blocks(chunk)
-                return True
             if cls.fast_kernel_counts_non_finite:
                 return bool(kernel(chunk, out[lo:hi]) == 0)
             if not _all_finite_fast(chunk):

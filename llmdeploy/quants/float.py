@@ -5,14 +5,16 @@ What ``ggml_quantize_chunk`` writes for them:
 * F32: a plain copy.
 * F16: ``ggml_fp32_to_fp16_row``, IEEE binary16 rounded to nearest even,
   float32 values beyond the fp16 range become +-inf, those below it +-0 or
-  fp16 subnormals.  numpy's ``astype(np.float16)`` and the x86 F16C
-  instruction ``vcvtps2ph`` round exactly the same way.
+  fp16 subnormals.  torch's ``.to(torch.float16)`` (CPU and CUDA) and the x86
+  F16C instruction ``vcvtps2ph`` round exactly the same way.
 * BF16: ``ggml_fp32_to_bf16_row_ref``, the top 16 bits of the float32 rounded
   to nearest even, ``(bits + 0x7fff + ((bits >> 16) & 1)) >> 16``; a NaN is
   truncated and forced quiet (``bits >> 16 | 0x40``) instead.
 
-The torch helpers below (``_torch_le_bytes``, ``_torch_fp16_bits``) are also
-what the block types use to store their fp16 scales.
+Two implementations: the reference ``quantize_blocks`` (eager torch, CPU or
+GPU, integer bit arithmetic so every device gives the same bytes) and the
+numba fast kernels (CPU).  The torch helpers ``_le_bytes`` and ``_fp16_bytes``
+are also what the block types use to store their fp16 scales.
 """
 
 from __future__ import annotations
@@ -22,23 +24,24 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
+from ._jit import f32_bits
 from .base import QuantType
-from .gguf_py import GgufPyQuantize
+from .gguf_py import GgufPyDequantize
 
 
-# =========================================================================== torch reference
+# =========================================================================== reference (torch)
 #
 # Integer bit arithmetic in int32/int64 (torch's unsigned types are limited),
 # so the result is the same on every device.
 
 
-def _torch_le_bytes(v: torch.Tensor, n_bytes: int) -> torch.Tensor:
+def _le_bytes(v: torch.Tensor, n_bytes: int) -> torch.Tensor:
     """Integer tensor (...) -> uint8 (..., n_bytes): its low n_bytes bytes, little-endian as GGUF stores them."""
     shifts = torch.arange(0, 8 * n_bytes, 8, dtype=torch.int64, device=v.device)
     return ((v.to(torch.int64).unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
 
 
-def _torch_fp16_bits(v: torch.Tensor) -> torch.Tensor:
+def _fp16_bits(v: torch.Tensor) -> torch.Tensor:
     """float32 -> int32 in 0..0xFFFF: ggml's ``GGML_FP32_TO_FP16(v)``.
 
     Round to nearest even, overflow to +-inf, fp16 subnormals kept: what
@@ -51,7 +54,7 @@ def _torch_fp16_bits(v: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(v), sign | 0x7E00, bits)
 
 
-def _torch_bf16_bits(v: torch.Tensor) -> torch.Tensor:
+def _bf16_bits(v: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 in 0..0xFFFF: ``ggml_compute_fp32_to_bf16``, on the uint32 bits held in int64."""
     u = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     is_nan = (u & 0x7FFFFFFF) > 0x7F800000
@@ -60,107 +63,94 @@ def _torch_bf16_bits(v: torch.Tensor) -> torch.Tensor:
     return torch.where(is_nan, quiet_nan, rounded)
 
 
-def _torch_value_blocks(blocks: torch.Tensor, bits: torch.Tensor, n_bytes: int) -> torch.Tensor:
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) uint8: ggml's fp16 of each value, little-endian."""
+    return _le_bytes(_fp16_bits(v), 2)
+
+
+def _value_blocks(blocks: torch.Tensor, bits: torch.Tensor, n_bytes: int) -> torch.Tensor:
     """Per-value bit patterns of single-value blocks -> uint8 (n_blocks, n_bytes)."""
-    return _torch_le_bytes(bits, n_bytes).reshape(blocks.shape[0], -1)
+    return _le_bytes(bits, n_bytes).reshape(blocks.shape[0], -1)
 
 
-if _jit.HARDWARE_FP16:
+@_jit.kernel
+def _f16_kernel(blocks, out):  # type: ignore[no-untyped-def]
+    # Blocks are single values: one flat loop, one uint16 store per value,
+    # which LLVM turns into vcvtps2ph on whole vectors where the CPU has F16C
+    # (elsewhere _jit.fp16_bits is the exact integer conversion).
+    x = blocks.reshape(blocks.size)
+    o = out.view(np.uint16).reshape(blocks.size)
+    for i in range(x.shape[0]):
+        o[i] = np.uint16(_jit.fp16_bits(x[i]))
 
-    @_jit.kernel
-    def _f16_kernel(blocks, out):  # type: ignore[no-untyped-def]
-        # Blocks are single values: one flat loop, one uint16 store per value,
-        # which LLVM turns into vcvtps2ph on whole vectors.
-        x = blocks.reshape(blocks.size)
-        o = out.view(np.uint16).reshape(blocks.size)
-        for i in range(x.shape[0]):
-            o[i] = np.uint16(_jit.fp16_bits(x[i]))
 
-else:
-    # Without F16C numpy's conversion (SIMD where it can) is the faster path.
-    _f16_kernel = None
+_U16 = np.uint32(16)
+_ROUND = np.uint32(0x7FFF)
 
-if _jit.AVAILABLE:
-    from ._jit import f32_bits
 
-    _U16 = np.uint32(16)
-    _ROUND = np.uint32(0x7FFF)
+@_jit.kernel
+def _bf16_kernel(blocks, out):  # type: ignore[no-untyped-def]
+    # Branch-free (the NaN case is a select), in uint32 like ggml, so the
+    # loop vectorizes; the rounding add cannot overflow for a non-NaN.
+    x = blocks.reshape(blocks.size)
+    o = out.view(np.uint16).reshape(blocks.size)
+    for i in range(x.shape[0]):
+        u = np.uint32(f32_bits(x[i]))
+        rounded = (u + _ROUND + ((u >> _U16) & np.uint32(1))) >> _U16
+        quiet_nan = (u >> _U16) | np.uint32(0x40)
+        o[i] = np.uint16(quiet_nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
-    @_jit.kernel
-    def _bf16_kernel(blocks, out):  # type: ignore[no-untyped-def]
-        # Branch-free (the NaN case is a select), in uint32 like ggml, so the
-        # loop vectorizes; the rounding add cannot overflow for a non-NaN.
-        x = blocks.reshape(blocks.size)
-        o = out.view(np.uint16).reshape(blocks.size)
-        for i in range(x.shape[0]):
-            u = np.uint32(f32_bits(x[i]))
-            rounded = (u + _ROUND + ((u >> _U16) & np.uint32(1))) >> _U16
-            quiet_nan = (u >> _U16) | np.uint32(0x40)
-            o[i] = np.uint16(quiet_nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
-    @_jit.kernel
-    def _f32_kernel(blocks, out):  # type: ignore[no-untyped-def]
-        # A copy that counts non-finite values on the way (exponent bits all
-        # ones), so the data is read once, like ggml's memcpy.
-        x = blocks.reshape(blocks.size)
-        o = out.view(np.float32).reshape(blocks.size)
-        bad = 0
-        for i in range(x.shape[0]):
-            v = x[i]
-            o[i] = v
-            bad += (f32_bits(v) & 0x7F800000) == 0x7F800000
-        return bad
-
-else:  # pragma: no cover - numba missing
-    _bf16_kernel = _f32_kernel = None
+@_jit.kernel
+def _f32_kernel(blocks, out):  # type: ignore[no-untyped-def]
+    # A copy that counts non-finite values on the way (exponent bits all
+    # ones), so the data is read once, like ggml's memcpy.
+    x = blocks.reshape(blocks.size)
+    o = out.view(np.float32).reshape(blocks.size)
+    bad = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        o[i] = v
+        bad += (f32_bits(v) & 0x7F800000) == 0x7F800000
+    return bad
 
 
 class F32(QuantType, qtype=GGMLQuantizationType.F32):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return blocks.astype(np.float32, copy=False).view(np.uint8)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 1) on any device -> uint8 (n, 4) on the same device: the bits, copied."""
+        return _value_blocks(blocks, blocks.contiguous().view(torch.int32), 4)
 
     @classmethod
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         return data.view(np.float32).copy()
 
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 1) on any device -> uint8 (n, 4) on the same device: the bits, copied."""
-        return _torch_value_blocks(blocks, blocks.contiguous().view(torch.int32), 4)
-
-    fast_kernel = staticmethod(_f32_kernel) if _f32_kernel is not None else None
+    fast_kernel = staticmethod(_f32_kernel)
     fast_kernel_counts_non_finite = True
 
 
 class F16(QuantType, qtype=GGMLQuantizationType.F16):
-    # ggml_fp32_to_fp16_row rounds to nearest even and overflows to inf, as numpy does.
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return blocks.astype("<f2").view(np.uint8)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
+        return _value_blocks(blocks, _fp16_bits(blocks), 2)
 
     @classmethod
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         return data.view("<f2").astype(np.float32)
 
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
-        return _torch_value_blocks(blocks, _torch_fp16_bits(blocks), 2)
-
-    fast_kernel = staticmethod(_f16_kernel) if _f16_kernel is not None else None
+    fast_kernel = staticmethod(_f16_kernel)
 
 
-class BF16(GgufPyQuantize, qtype=GGMLQuantizationType.BF16):
-    """bfloat16, rounded to nearest even (gguf-py's numpy code is ggml's ``ggml_compute_fp32_to_bf16``)."""
+class BF16(GgufPyDequantize, qtype=GGMLQuantizationType.BF16):
+    """bfloat16, rounded to nearest even (ggml's ``ggml_compute_fp32_to_bf16``)."""
 
     @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
-        return _torch_value_blocks(blocks, _torch_bf16_bits(blocks), 2)
+        return _value_blocks(blocks, _bf16_bits(blocks), 2)
 
-    fast_kernel = staticmethod(_bf16_kernel) if _bf16_kernel is not None else None
+    fast_kernel = staticmethod(_bf16_kernel)
 
 
 class F64(QuantType, qtype=GGMLQuantizationType.F64):

@@ -1,10 +1,9 @@
-"""Types whose numpy implementation gguf-py already has, byte-exact with ggml.
+"""Dequantization through gguf-py, and the types llmdeploy reads but does not write.
 
-gguf-py's quantizers for BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0 and TQ2_0,
-and its dequantizers for every type, are tested byte for byte against
-libggml upstream (gguf-py/tests/test_quants.py) and again here; llmdeploy
-uses them as the reference path instead of rewriting them.  The fast numba
-kernels live beside the other kernels of each family.
+gguf-py's numpy dequantizers equal ggml's ``dequantize_row_*`` (tested here
+against libggml for every type), so llmdeploy uses them instead of rewriting
+them.  gguf-py's *quantizers* are not used: they differ from ggml on blocks of
+signed zeros (its ``argmax`` picks a -0.0 where ggml's strict search keeps +0).
 """
 
 from __future__ import annotations
@@ -23,15 +22,6 @@ class GgufPyDequantize(QuantType):
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):  # inf/nan scales decode to inf/nan, as in ggml
             return gguf_quants.dequantize(data, cls.qtype)
-
-
-class GgufPyQuantize(GgufPyDequantize):
-    """Quantize and dequantize through gguf-py's numpy code."""
-
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):  # overflowing scales are part of ggml's result too
-            return gguf_quants.quantize(blocks, cls.qtype)
 
 
 # Types llmdeploy reads (dequantizes) through gguf-py but does not write.

@@ -41,6 +41,11 @@ these types runs ``quantize_iq4_nl`` / ``quantize_iq4_xs`` -> the shared
    ``l = clamp(nearest_int(d_sub / D), -32, 31)`` and its indices are
    recomputed with ``1 / (D * l)`` (0 when that is 0), ``D`` again float32.
 
+Two implementations write these bytes: ``quantize_blocks``, the reference,
+readable eager torch vectorized across (sub-)blocks that runs on the CPU or a
+GPU; and the numba fast kernel (CPU only), one sub-block at a time with the 16
+candidates as vector lanes.  Dequantization is gguf-py's.
+
 Exactness notes.  Every operation is float32 in ggml's association order:
 products are evaluated left to right (``(w*q)*x`` and ``w*(q*x)`` round
 differently) and sums sequentially.  ggml's ``best_index_int8`` (a binary
@@ -82,106 +87,12 @@ _NCAND = _NTRY + 1  # the initial 1/d candidate, then the trials
 _NMID = _MID.size
 
 
-# --------------------------------------------------------------------------- numpy reference
-
-
-def _best_index(a: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8 on the grid, elementwise: midpoints not above ``a`` (NaN -> 15)."""
-    return np.count_nonzero(~(a[..., None] < _MID), axis=-1).astype(np.uint8)
-
-
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int on a float32 array (bit trick; nan -> 0, +-inf -> -4194304)."""
-    return ((v.astype(np.float32) + F32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
-
-
-def _fp16_bytes(d: np.ndarray) -> np.ndarray:
-    """(n,) float32 -> (n, 2) uint8: fp16 little-endian.  numpy rounds as ggml does
-    (nearest even, overflow to inf, a NaN keeps its sign)."""
-    return d.astype(np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _pack_nibbles(idx: np.ndarray) -> np.ndarray:
-    """(..., 32) indices -> (..., 16) bytes: value j low nibble, value j+16 high nibble."""
-    return idx[..., :16] | (idx[..., 16:] << 4)
-
-
-def _sub_block_scales(x: np.ndarray) -> np.ndarray:
-    """(m, 32) float32 sub-blocks -> (m,) float32 scale ``d`` chosen by ggml's search (ntry=7)."""
-    m = x.shape[0]
-    w = x * x
-    first = np.argmax(np.abs(x), axis=1)  # first occurrence of the largest |x|
-    mx = x[np.arange(m), first]
-    skip = np.abs(mx) < _EPS
-    mx = np.where(skip, _ONE, mx)  # any nonzero value: skipped rows are zeroed below
-    ids = np.empty((m, _NCAND), np.float32)
-    ids[:, 0] = _ONE / (-mx / KVALUES[0])  # d = -max/values[0], id = 1/d
-    ids[:, 1:] = _TRY_NUM / mx[:, None]
-    sumqx = np.zeros((m, _NCAND), np.float32)
-    sumq2 = np.zeros((m, _NCAND), np.float32)
-    for j in range(x.shape[1]):  # element order, as ggml accumulates
-        xj = x[:, j, None]
-        q = KVALUES[_best_index(ids * xj)]
-        wq = w[:, j, None] * q
-        sumqx += wq * xj
-        sumq2 += wq * q
-    d = np.where(sumq2[:, 0] > 0, sumqx[:, 0] / sumq2[:, 0], _ZERO)
-    best = d * sumqx[:, 0]
-    for t in range(1, _NCAND):  # candidate order: a later equal score does not replace
-        sqx, sq2 = sumqx[:, t], sumq2[:, t]
-        better = (sq2 > 0) & (sqx * sqx > best * sq2)
-        d = np.where(better, sqx / sq2, d)
-        best = np.where(better, d * sqx, best)
-    return np.where(skip, _ZERO, d).astype(np.float32)
-
-
-def _quantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(blocks, dtype=np.float32)
-    with np.errstate(all="ignore"):
-        d = _sub_block_scales(x)
-        inv = np.where(d != 0, _ONE / d, _ZERO)  # NaN != 0: 1/NaN
-        idx = _best_index(inv[:, None] * x)
-        return np.concatenate([_fp16_bytes(d), _pack_nibbles(idx)], axis=1)
-
-
-def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(blocks, dtype=np.float32)
-    n = x.shape[0]
-    sub = x.reshape(n, 8, 32)
-    with np.errstate(all="ignore"):
-        scales = _sub_block_scales(sub.reshape(n * 8, 32)).reshape(n, 8)
-        # the sub-block scale of largest |d|, first occurrence (NaN never wins)
-        amax = np.zeros(n, np.float32)
-        dmax = np.zeros(n, np.float32)
-        for ib in range(8):
-            better = np.abs(scales[:, ib]) > amax
-            amax = np.where(better, np.abs(scales[:, ib]), amax)
-            dmax = np.where(better, scales[:, ib], dmax)
-        d = -dmax / F32(32)  # -0.0 for an all-zero super-block: fp16 0x8000
-        inv = np.where(d != 0, _ONE / d, _ZERO)
-        ls = np.clip(_nearest_int(inv[:, None] * scales), -32, 31)
-        dl = d[:, None] * ls.astype(np.float32)
-        idl = np.where(dl != 0, _ONE / dl, _ZERO)
-        idx = _best_index(idl[:, :, None] * sub)
-        biased = (ls + 32).astype(np.uint16)
-        out = np.empty((n, 136), np.uint8)
-        out[:, 0:2] = _fp16_bytes(d)
-        scales_h = np.zeros(n, np.uint16)
-        for ib in range(8):
-            scales_h |= (biased[:, ib] >> 4) << (2 * ib)
-        out[:, 2:4] = scales_h.astype("<u2").view(np.uint8).reshape(n, 2)
-        low = (biased & 0xF).astype(np.uint8)
-        out[:, 4:8] = low[:, 0::2] | (low[:, 1::2] << 4)
-        out[:, 8:] = _pack_nibbles(idx).reshape(n, 128)
-    return out
-
-
-# --------------------------------------------------------------------------- torch reference
+# --------------------------------------------------------------------------- reference (torch)
 #
-# The numpy reference above, op for op, in eager float32 torch: the same bytes
-# on CPU and CUDA tensors.  Blocks (sub-blocks) are the vectorized dimension;
-# the Python loops run only over element indices, candidates and sub-block
-# numbers, in ggml's order.  Device-independence rests on a few rules:
+# Eager float32 torch: the same bytes on CPU and CUDA tensors.  Blocks
+# (sub-blocks) are the vectorized dimension; the Python loops run only over
+# element indices, candidates and sub-block numbers, in ggml's order.
+# Device-independence rests on a few rules:
 #
 # * Every sum is ``acc = acc + term`` in element order; products are separate
 #   ops (no fused multiply-add can form).
@@ -198,21 +109,18 @@ def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
 #   NaN bits.
 
 
-def _torch_grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The grid ``KVALUES``, its 15 midpoints and the 15 trial numerators on ``device``
-    (all small integers or halves: exact in float32)."""
-    kv = torch.as_tensor(KVALUES, dtype=torch.float32, device=device)
-    mid = (kv[:-1] + kv[1:]) / 2
-    try_num = torch.arange(-7, 8, dtype=torch.float32, device=device) + kv[0]
+def _grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``KVALUES``, ``_MID`` and ``_TRY_NUM`` as float32 tensors on ``device``."""
+    kv, mid, try_num = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (KVALUES, _MID, _TRY_NUM))
     return kv, mid, try_num
 
 
-def _torch_best_index(a: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+def _best_index(a: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     """ggml's best_index_int8, elementwise (int64): midpoints not above ``a`` (NaN -> 15)."""
     return (~(a.unsqueeze(-1) < mid)).sum(dim=-1)  # a count of booleans: exact in any order
 
 
-def _torch_nearest_int(v: torch.Tensor) -> torch.Tensor:
+def _nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int (int32): float32 add of 1.5 * 2**23, then the low mantissa bits.
     +-inf gives -4194304.  x86's NaN (0xFFC00000) gives 0; CUDA's would not, so NaN
     is mapped to 0 explicitly."""
@@ -220,7 +128,7 @@ def _torch_nearest_int(v: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(v), 0, r)
 
 
-def _torch_fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
     """(n,) float32 -> (n, 2) int32 byte values: fp16 little-endian, round to nearest even
     (overflow to inf).  NaN is x86's default NaN, negative: 0xFE00."""
     bits = d.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
@@ -228,15 +136,15 @@ def _torch_fp16_bytes(d: torch.Tensor) -> torch.Tensor:
     return torch.stack([bits & 0xFF, bits >> 8], dim=1)
 
 
-def _torch_pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+def _pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
     """(..., 32) indices -> (..., 16) byte values: value j low nibble, value j+16 high nibble."""
     return idx[..., :16] | (idx[..., 16:] << 4)
 
 
-def _torch_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
+def _sub_block_scales(x: torch.Tensor) -> torch.Tensor:
     """(m, 32) float32 sub-blocks -> (m,) float32 scale ``d`` chosen by ggml's search (ntry=7)."""
     m, dev = x.shape[0], x.device
-    kv, mid, try_num = _torch_grid(dev)
+    kv, mid, try_num = _grid(dev)
     one = torch.ones((), dtype=torch.float32, device=dev)
     eps = torch.tensor(1e-15, dtype=torch.float32, device=dev)  # GROUP_MAX_EPS = 1e-15f
     # max = the value of largest |x|: ggml's strict `>` scan, so the first occurrence wins
@@ -256,7 +164,7 @@ def _torch_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
     sumq2 = torch.zeros(m, _NCAND, dtype=torch.float32, device=dev)
     for j in range(x.shape[1]):  # element order, as ggml accumulates; candidates side by side
         xj = x[:, j].unsqueeze(1)
-        q = kv[_torch_best_index(ids * xj, mid)]
+        q = kv[_best_index(ids * xj, mid)]
         wq = w[:, j].unsqueeze(1) * q  # (w*q)*x and (w*q)*q: ggml's association
         sumqx = sumqx + wq * xj
         sumq2 = sumq2 + wq * q
@@ -270,24 +178,24 @@ def _torch_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
     return torch.where(skip, 0.0, d)
 
 
-def _torch_quantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+def _quantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
     x = blocks.to(torch.float32)
-    _, mid, _ = _torch_grid(x.device)
+    _, mid, _ = _grid(x.device)
     one = torch.ones((), dtype=torch.float32, device=x.device)
-    d = _torch_sub_block_scales(x)
+    d = _sub_block_scales(x)
     inv = torch.where(d != 0, one / d, 0.0)  # the float32 d, not its fp16 rounding; NaN != 0
-    idx = _torch_best_index(inv.unsqueeze(1) * x, mid)
-    out = torch.cat([_torch_fp16_bytes(d), _torch_pack_nibbles(idx)], dim=1)
+    idx = _best_index(inv.unsqueeze(1) * x, mid)
+    out = torch.cat([_fp16_bytes(d), _pack_nibbles(idx)], dim=1)
     return out.to(torch.uint8)
 
 
-def _torch_quantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+def _quantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
     x = blocks.to(torch.float32)
     n, dev = x.shape[0], x.device
-    _, mid, _ = _torch_grid(dev)
+    _, mid, _ = _grid(dev)
     one = torch.ones((), dtype=torch.float32, device=dev)
     sub = x.reshape(n, 8, 32)
-    scales = _torch_sub_block_scales(sub.reshape(n * 8, 32)).reshape(n, 8)
+    scales = _sub_block_scales(sub.reshape(n * 8, 32)).reshape(n, 8)
     # the sub-block scale of largest |d|, first occurrence (NaN never wins)
     amax = torch.zeros(n, dtype=torch.float32, device=dev)
     dmax = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -298,10 +206,10 @@ def _torch_quantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
         dmax = torch.where(better, scales[:, ib], dmax)
     d = -dmax / 32  # exact; -0.0 for an all-zero super-block: fp16 0x8000
     inv = torch.where(d != 0, one / d, 0.0)
-    ls = _torch_nearest_int(inv.unsqueeze(1) * scales).clamp(-32, 31)  # (n, 8) int32
+    ls = _nearest_int(inv.unsqueeze(1) * scales).clamp(-32, 31)  # (n, 8) int32
     dl = d.unsqueeze(1) * ls.to(torch.float32)
     idl = torch.where(dl != 0, one / dl, 0.0)
-    idx = _torch_best_index(idl.unsqueeze(2) * sub, mid)  # (n, 8, 32)
+    idx = _best_index(idl.unsqueeze(2) * sub, mid)  # (n, 8, 32)
     biased = ls + 32  # l + 32 in [0, 63]
     scales_h = torch.zeros(n, dtype=torch.int32, device=dev)
     for ib in range(8):  # high 2 bits of sub-block ib -> bits 2*ib, 2*ib+1
@@ -310,10 +218,10 @@ def _torch_quantize_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
     scales_l = low[:, 0::2] | (low[:, 1::2] << 4)  # even sub-blocks in the low nibble
     out = torch.cat(
         [
-            _torch_fp16_bytes(d),
+            _fp16_bytes(d),
             torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1),
             scales_l,
-            _torch_pack_nibbles(idx).reshape(n, 128).to(torch.int32),
+            _pack_nibbles(idx).reshape(n, 128).to(torch.int32),
         ],
         dim=1,
     )
@@ -441,25 +349,17 @@ def _iq4_xs_kernel(blocks, out):  # type: ignore[no-untyped-def]
 
 class IQ4_NL(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_NL):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _quantize_iq4_nl(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 32) on any device -> uint8 (n, 18) on the same device, ggml's bytes."""
-        return _torch_quantize_iq4_nl(blocks)
+        return _quantize_iq4_nl(blocks)
 
     fast_kernel = staticmethod(_iq4_nl_kernel)
 
 
 class IQ4_XS(GgufPyDequantize, qtype=GGMLQuantizationType.IQ4_XS):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _quantize_iq4_xs(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 136) on the same device, ggml's bytes."""
-        return _torch_quantize_iq4_xs(blocks)
+        return _quantize_iq4_xs(blocks)
 
     fast_kernel = staticmethod(_iq4_xs_kernel)

@@ -23,19 +23,18 @@ conversion.  ``nearest_int`` is ggml's add-1.5*2**23-and-read-the-bits trick,
 kept literally because its garbage for out-of-range inputs (nan -> 0, huge ->
 wrapped) reaches the output for extreme inputs.
 
-Three implementations produce the same bytes:
+Two implementations produce the same bytes:
 
-* ``quantize_blocks``: numpy, vectorized across every sub-block of the input;
-  sequential sums loop over the element index in Python.
-* ``quantize_blocks_torch``: the same operations in eager torch, on the
-  device of its input (CPU or CUDA); the rules that keep it byte-exact on
-  both are at the top of its section.
-* ``fast_kernel``: numba.  The candidate search is the hot spot (for Q4_K,
-  21 candidates x 2 passes x 32 values per sub-block).  It runs on a batch
-  of ``_LANES`` sub-blocks laid out ``[element, lane]``, with the lane loop
-  innermost and branch-free, so LLVM turns it into SIMD code in which every
-  lane is one independent sub-block that still sums sequentially, exactly as
-  ggml's scalar loop.  Nothing is reordered, only interleaved.
+* ``quantize_blocks``, the reference: eager torch, readable, vectorized
+  across every sub-block of the input (sequential sums loop over the element
+  index in Python), on the device of its input, CPU or CUDA; the rules that
+  keep it byte-exact on both are at the top of its section.
+* ``fast_kernel``: numba, on the CPU.  The candidate search is the hot spot
+  (for Q4_K, 21 candidates x 2 passes x 32 values per sub-block).  It runs on
+  a batch of ``_LANES`` sub-blocks laid out ``[element, lane]``, with the lane
+  loop innermost and branch-free, so LLVM turns it into SIMD code in which
+  every lane is one independent sub-block that still sums sequentially,
+  exactly as ggml's scalar loop.  Nothing is reordered, only interleaved.
 
 ``dequantize_blocks`` is gguf-py's (equal to ggml's ``dequantize_row_*``).
 """
@@ -50,7 +49,6 @@ from . import _jit
 from ._jit import F32
 from .gguf_py import GgufPyDequantize
 
-_MAGIC = F32(12582912.0)  # 1.5 * 2**23, see _nearest_int
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _63 = F32(63.0)
@@ -62,241 +60,20 @@ _RMIN_Q4_K = F32(-1.0)
 _RMIN_Q2_K_Q5_K = F32(-0.5)
 
 
-# =========================================================================== numpy reference
-#
-# Arrays are float32 throughout; every constant is an np.float32 so that no
-# operation is promoted to float64.  Out-of-range arithmetic (inf/inf, 0*inf)
-# happens for extreme inputs exactly as in C, hence the errstate.
-
-
-def _nearest_int(f: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int`` on a float32 array, as int32.
-
-    Adding 1.5*2**23 pushes the value into the binade where the float32 ulp is
-    1, so the addition itself rounds half to even and the integer sits in the
-    low mantissa bits.  For |f| > 2**22 (and inf/nan) ggml returns what the
-    bits say, not a rounded value; so does this.
-    """
-    return ((f + _MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
-
-
-def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """``acc = 0; for i: acc += terms[..., i]`` in float32, vectorized over the leading axes."""
-    acc = np.zeros(terms.shape[:-1], np.float32)
-    for i in range(terms.shape[-1]):
-        acc = acc + terms[..., i]
-    return acc
-
-
-def _fp16_round(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fp16 bits as uint16, the float32 ggml reads back) of float32 ``f`` (RNE, as ggml's FP32_TO_FP16)."""
-    h = f.astype(np.float16)
-    return h.view(np.uint16), h.astype(np.float32)
-
-
-# --------------------------------------------------------------------------- make_qkx2_quants
-
-
-def _affine_levels(x: np.ndarray, iscale: np.ndarray, mn: np.ndarray, nmax: int) -> np.ndarray:
-    """``clamp(nearest_int(iscale * (x - min)), 0, nmax)`` per sub-block row, as uint8."""
-    return np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.uint8)
-
-
-def _weighted_error(
-    x: np.ndarray, w: np.ndarray, L: np.ndarray, scale: np.ndarray, mn: np.ndarray, use_mad: bool
-) -> np.ndarray:
-    """Sequential ``sum w * e(scale*L + min - x)``, e = |.| (use_mad) or square."""
-    diff = (scale[:, None] * L.astype(np.float32) + mn[:, None]) - x
-    diff = np.abs(diff) if use_mad else diff * diff
-    return _seq_sum(w * diff)
-
-
-def make_qkx2_quants(
-    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's ``make_qkx2_quants`` for many sub-blocks at once.
-
-    ``x``, ``w``: float32 (m, n), one sub-block per row.  Returns ``(L, scale,
-    the_min)``: uint8 (m, n) levels, float32 (m,) scales and float32 (m,)
-    mins (stored negated, as ggml's ``*the_min = -min``).
-    """
-    n = x.shape[1]
-    with np.errstate(all="ignore"):
-        # Strict comparisons, as ggml: the first of equal values wins, so
-        # -0.0 and +0.0 are kept as they come.
-        mn = x[:, 0].copy()
-        mx = x[:, 0].copy()
-        sum_w = w[:, 0].copy()
-        sum_x = sum_w * x[:, 0]
-        for i in range(1, n):
-            mn = np.where(x[:, i] < mn, x[:, i], mn)
-            mx = np.where(x[:, i] > mx, x[:, i], mx)
-            sum_w = sum_w + w[:, i]
-            sum_x = sum_x + w[:, i] * x[:, i]
-        mn = np.where(mn > 0, _ZERO, mn)
-        flat = mx == mn  # ggml returns early: L = 0, scale 0, the_min = -min
-
-        # First guess: spread [min, max] over the nmax+1 levels.
-        iscale = F32(nmax) / (mx - mn)
-        scale = _ONE / iscale
-        L = _affine_levels(x, iscale, mn, nmax)
-        best_error = _weighted_error(x, w, L, scale, mn, use_mad)
-
-        for step in range(nstep + 1):
-            # (rmin + rdelta*step + nmax), each operation rounded to float32.
-            # ``mn`` is the running best min: a taken candidate shifts the
-            # grid that later candidates are measured on.
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-            Laux = _affine_levels(x, iscale, mn, nmax)
-            lf = Laux.astype(np.float32)
-            wl = w * lf
-            sum_l = _seq_sum(wl)
-            sum_l2 = _seq_sum(wl * lf)
-            sum_xl = _seq_sum(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            clamp = this_min > 0  # a positive min is not allowed: refit the scale through 0
-            this_min = np.where(clamp, _ZERO, this_min)
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            cur_error = _weighted_error(x, w, Laux, this_scale, this_min, use_mad)
-            take = ~flat & (D > 0) & (cur_error < best_error)  # both False for nan, as in C
-            L = np.where(take[:, None], Laux, L)
-            best_error = np.where(take, cur_error, best_error)
-            scale = np.where(take, this_scale, scale)
-            mn = np.where(take, this_min, mn)
-
-        L[flat] = 0
-        scale = np.where(flat, _ZERO, scale)
-        return L, scale, -mn
-
-
-def _max_positive(v: np.ndarray) -> np.ndarray:
-    """ggml's ``m = 0; for j: if (v[j] > m) m = v[j]`` along the last axis (+0.0 if none is > 0)."""
-    return np.where(v > 0, v, _ZERO).max(axis=-1)
-
-
-def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int) -> np.ndarray:
-    """Final levels from the fp16-rounded sub-block scale ``d`` and min ``dm`` (per sub-block row).
-
-    ``clamp(nearest_int((x + dm) / d), 0, nmax)``; a sub-block with ``d == 0``
-    keeps the optimizer's ``L`` (ggml's ``if (!d) continue``; nan is not 0).
-    """
-    with np.errstate(all="ignore"):
-        new = np.clip(_nearest_int((x + dm[..., None]) / d[..., None]), 0, nmax).astype(np.uint8)
-    return np.where((d != 0)[..., None], new, L)
-
-
-# --------------------------------------------------------------------------- Q4_K / Q5_K
-
-
-def _k32_sub_block_fits(
-    blocks: np.ndarray, nmax: int, rmin: float, nstep: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K step 1: x (n, 8, 32), and L, scales, mins per 32-value sub-block."""
-    x = blocks.reshape(-1, 8, 32)
-    with np.errstate(all="ignore"):
-        av_x = np.sqrt(_seq_sum(x * x) / _32)  # float32 sqrt is correctly rounded, as sqrtf
-        w = av_x[..., None] + np.abs(x)
-    L, scales, mins = make_qkx2_quants(x.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, _RDELTA, nstep, False)
-    return x, L.reshape(-1, 8, 32), scales.reshape(-1, 8), mins.reshape(-1, 8)
-
-
-def _k32_scales(
-    x: np.ndarray, L: np.ndarray, scales: np.ndarray, mins: np.ndarray, nmax: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K steps 2-3: (d/dmin fp16 bytes (n, 4), packed scales (n, 12), final L (n, 8, 32))."""
-    max_scale = _max_positive(scales)
-    max_min = _max_positive(mins)
-    with np.errstate(all="ignore"):
-        inv_scale = np.where(max_scale > 0, _63 / max_scale, _ZERO)
-        inv_min = np.where(max_min > 0, _63 / max_min, _ZERO)
-        # ggml stores nearest_int into a uint8 (wraps mod 256) before MIN(63, .)
-        ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-        lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-        d_bits, d = _fp16_round(max_scale / _63)
-        dmin_bits, dmin = _fp16_round(max_min / _63)
-        L = _requantize(x, L, d[:, None] * ls.astype(np.float32), dmin[:, None] * lm.astype(np.float32), nmax)
-    dd = np.stack([d_bits, dmin_bits], axis=1).astype("<u2").view(np.uint8)
-    return dd, _pack_scales_k4(ls, lm), L
-
-
-def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """Eight 6-bit scales and eight 6-bit mins into 12 bytes (ggml's ``get_scale_min_k4`` layout).
-
-    Bytes 0-3: scale j (j < 4) in the low 6 bits; bytes 4-7: min j likewise.
-    Bytes 8-11: scale j+4 in the low nibble and min j+4 in the high nibble;
-    their top 2 bits go to the spare top bits of bytes j and j+4.
-    """
-    sc = np.empty((ls.shape[0], 12), np.uint8)
-    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    return sc
-
-
-def _q4_k_reference(blocks: np.ndarray) -> np.ndarray:
-    x, L, scales, mins = _k32_sub_block_fits(blocks, 15, _RMIN_Q4_K, 20)
-    dd, sc, L = _k32_scales(x, L, scales, mins, 15)
-    # qs: 64-value chunk c = sub-blocks 2c (low nibbles) and 2c+1 (high nibbles), 32 bytes
-    qs = L[:, 0::2] | (L[:, 1::2] << 4)
-    return np.concatenate([dd, sc, qs.reshape(-1, 128)], axis=1)
-
-
-def _q5_k_reference(blocks: np.ndarray) -> np.ndarray:
-    x, L, scales, mins = _k32_sub_block_fits(blocks, 31, _RMIN_Q2_K_Q5_K, 15)
-    dd, sc, L = _k32_scales(x, L, scales, mins, 31)
-    # low 4 bits as Q4_K; bit 4 of value l of sub-block j goes to bit j of qh[l]
-    qs = (L[:, 0::2] & 0xF) | ((L[:, 1::2] & 0xF) << 4)
-    qh = ((L >> 4).astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=1, dtype=np.uint8)
-    return np.concatenate([dd, sc, qh, qs.reshape(-1, 128)], axis=1)
-
-
-# --------------------------------------------------------------------------- Q2_K
-
-
-def _q2_k_reference(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 16, 16)
-    # weights |x|, absolute (not squared) error
-    fit = make_qkx2_quants(x.reshape(-1, 16), np.abs(x).reshape(-1, 16), 3, _RMIN_Q2_K_Q5_K, _RDELTA, 15, True)
-    L, scales, mins = fit[0].reshape(-1, 16, 16), fit[1].reshape(-1, 16), fit[2].reshape(-1, 16)
-    max_scale = _max_positive(scales)
-    max_min = _max_positive(mins)
-    with np.errstate(all="ignore"):
-        # scale in the low nibble, min in the high nibble; ggml writes the
-        # ints into a uint8, so both wrap mod 256 (and a wrapped scale can
-        # spill into the min nibble's place before the OR)
-        has_s = (max_scale > 0)[:, None]
-        ls = np.where(has_s, _nearest_int((_15 / max_scale)[:, None] * scales), 0) & 0xFF
-        has_m = (max_min > 0)[:, None]
-        lm = np.where(has_m, _nearest_int((_15 / max_min)[:, None] * mins) << 4, 0) & 0xFF
-        sc = (ls | lm).astype(np.uint8)
-        d_bits, d = _fp16_round(np.where(max_scale > 0, max_scale / _15, _ZERO))
-        dmin_bits, dmin = _fp16_round(np.where(max_min > 0, max_min / _15, _ZERO))
-        d_sub = d[:, None] * (sc & 0xF).astype(np.float32)
-        dm_sub = dmin[:, None] * (sc >> 4).astype(np.float32)
-        L = _requantize(x, L, d_sub, dm_sub, 3)
-    # 2-bit planes: byte 32h+l holds values 128h+l+32k at bits 2k
-    planes = L.reshape(-1, 2, 4, 32)
-    qs = planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)
-    dd = np.stack([d_bits, dmin_bits], axis=1).astype("<u2").view(np.uint8)
-    return np.concatenate([sc, qs.reshape(-1, 64), dd], axis=1)
-
-
 # =========================================================================== torch reference
 #
-# The numpy reference, operation for operation, in eager torch on whatever
-# device ``blocks`` lives on (CPU or CUDA give the same bytes).  Rules that
-# keep it byte-exact on both:
+# Eager torch on whatever device ``blocks`` lives on (CPU or CUDA give the
+# same bytes), vectorized across sub-blocks.  Rules that keep it byte-exact
+# on both:
 #
 # * float32 throughout; each sequential sum is an explicit loop over the
 #   element index (never torch.sum/cumsum, whose order is unspecified), and
 #   every ``a * b + c`` is two separate ops (no fused kernels, no FMA).
 # * Division only as ``tensor / tensor`` with a float32 tensor on the device
-#   on both sides (``_torch_f32``).  ``63.0 / t`` is *not* a division in
-#   torch: ``Tensor.__rtruediv__`` computes ``t.reciprocal() * 63.0``, which is
-#   off by an ulp for about a quarter of all inputs; and on CUDA ``t / 63.0``
-#   (a CPU scalar divisor) becomes ``t * (1/63)``.
+#   on both sides (``_const``).  ``63.0 / t`` is *not* a division in torch:
+#   ``Tensor.__rtruediv__`` computes ``t.reciprocal() * 63.0``, which is off
+#   by an ulp for about a quarter of all inputs; and on CUDA ``t / 63.0`` (a
+#   CPU scalar divisor) becomes ``t * (1/63)``.
 # * No float -> int cast anywhere: ``nearest_int`` reads the bits of a float32
 #   sum, and levels meet floats only through exact int -> float32 conversion.
 #   Levels, scales and bytes are int32 until the final uint8 conversion.
@@ -304,13 +81,18 @@ def _q2_k_reference(blocks: np.ndarray) -> np.ndarray:
 #   torch.max/min/argmax, which differ from C on nan and signed zeros.
 
 
-def _torch_f32(value: float, like: torch.Tensor) -> torch.Tensor:
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     """A float32 scalar tensor on ``like``'s device (a constant operand that is never a CPU scalar)."""
     return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
-def _torch_nearest_int(f: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` on float32, as int32 (see ``_nearest_int``).
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` on float32, as int32.
+
+    Adding 1.5*2**23 pushes the value into the binade where the float32 ulp is
+    1, so the addition itself rounds half to even and the integer sits in the
+    low mantissa bits.  For |f| > 2**22 (and inf) ggml returns what the bits
+    say, not a rounded value; so does this.
 
     No float -> int cast, so the result is the same on every device, except
     for a nan, whose bits differ: extreme but finite inputs do produce nans
@@ -324,7 +106,7 @@ def _torch_nearest_int(f: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(f), 0, bits)
 
 
-def _torch_seq_sum(terms: torch.Tensor) -> torch.Tensor:
+def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     """``acc = +0.0; for i: acc += terms[..., i]`` in float32, vectorized over the leading axes."""
     acc = torch.zeros(terms.shape[:-1], dtype=torch.float32, device=terms.device)
     for i in range(terms.shape[-1]):
@@ -332,7 +114,7 @@ def _torch_seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _torch_sqrt(v: torch.Tensor) -> torch.Tensor:
+def _sqrtf(v: torch.Tensor) -> torch.Tensor:
     """Correctly rounded float32 sqrt (C's sqrtf).
 
     torch's float32 sqrt on CPU is not always correctly rounded; the float64
@@ -342,7 +124,7 @@ def _torch_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.double()).float()
 
 
-def _torch_fp16_round(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp16_round(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 bits as int32, the float32 ggml reads back) of float32 ``f``: ggml's FP32_TO_FP16.
 
     ``.to(float16)`` rounds to nearest even on CPU and CUDA alike; only a nan
@@ -355,45 +137,45 @@ def _torch_fp16_round(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits, h.to(torch.float32)
 
 
-def _torch_fp16_bytes(d_bits: torch.Tensor, dmin_bits: torch.Tensor) -> torch.Tensor:
+def _fp16_bytes(d_bits: torch.Tensor, dmin_bits: torch.Tensor) -> torch.Tensor:
     """The two fp16 super-block factors, little-endian: int32 (n, 4)."""
     return torch.stack([d_bits & 0xFF, d_bits >> 8, dmin_bits & 0xFF, dmin_bits >> 8], dim=1)
 
 
-def _torch_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
+def _to_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate int32 (n, k) byte values into the uint8 block rows."""
     return (torch.cat(parts, dim=1) & 0xFF).to(torch.uint8)
 
 
-# --------------------------------------------------------------------------- make_qkx2_quants (torch)
+# --------------------------------------------------------------------------- make_qkx2_quants
 
 
-def _torch_affine_levels(x: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, nmax: int) -> torch.Tensor:
+def _affine_levels(x: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, nmax: int) -> torch.Tensor:
     """``clamp(nearest_int(iscale * (x - min)), 0, nmax)`` per sub-block row, as int32."""
-    return torch.clamp(_torch_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    return torch.clamp(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
 
 
-def _torch_weighted_error(
+def _weighted_error(
     x: torch.Tensor, w: torch.Tensor, L: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, use_mad: bool
 ) -> torch.Tensor:
     """Sequential ``sum w * e(scale*L + min - x)``, e = |.| (use_mad) or square."""
     diff = (scale[:, None] * L.to(torch.float32) + mn[:, None]) - x
     diff = torch.abs(diff) if use_mad else diff * diff
-    return _torch_seq_sum(w * diff)
+    return _seq_sum(w * diff)
 
 
-def _torch_make_qkx2_quants(
+def make_qkx2_quants(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` for many sub-blocks at once (torch twin of ``make_qkx2_quants``).
+    """ggml's ``make_qkx2_quants`` for many sub-blocks at once.
 
     ``x``, ``w``: float32 (m, n), one sub-block per row.  Returns ``(L, scale,
     the_min)``: int32 (m, n) levels, float32 (m,) scales and float32 (m,)
     mins (stored negated, as ggml's ``*the_min = -min``).
     """
     n = x.shape[1]
-    zero = _torch_f32(0.0, x)
-    fnmax = _torch_f32(nmax, x)
+    zero = _const(0.0, x)
+    fnmax = _const(nmax, x)
     # Strict comparisons, as ggml: the first of equal values wins, so -0.0
     # and +0.0 are kept as they come, and a nan never replaces anything.
     mn = x[:, 0]
@@ -410,30 +192,30 @@ def _torch_make_qkx2_quants(
 
     # First guess: spread [min, max] over the nmax+1 levels.
     iscale = fnmax / (mx - mn)
-    scale = _torch_f32(1.0, x) / iscale
-    L = _torch_affine_levels(x, iscale, mn, nmax)
-    best_error = _torch_weighted_error(x, w, L, scale, mn, use_mad)
+    scale = _const(1.0, x) / iscale
+    L = _affine_levels(x, iscale, mn, nmax)
+    best_error = _weighted_error(x, w, L, scale, mn, use_mad)
 
-    rmin_t = _torch_f32(rmin, x)
-    rdelta_t = _torch_f32(rdelta, x)  # float32(0.1), as C's 0.1f
+    rmin_t = _const(rmin, x)
+    rdelta_t = _const(rdelta, x)  # float32(0.1), as C's 0.1f
     for step in range(nstep + 1):
         # (rmin + rdelta*step + nmax), each operation rounded to float32.
         # ``mn`` is the running best min: a taken candidate shifts the grid
         # that later candidates are measured on.
         iscale = (rmin_t + rdelta_t * step + fnmax) / (mx - mn)
-        Laux = _torch_affine_levels(x, iscale, mn, nmax)
+        Laux = _affine_levels(x, iscale, mn, nmax)
         lf = Laux.to(torch.float32)
         wl = w * lf
-        sum_l = _torch_seq_sum(wl)
-        sum_l2 = _torch_seq_sum(wl * lf)
-        sum_xl = _torch_seq_sum(wl * x)
+        sum_l = _seq_sum(wl)
+        sum_l2 = _seq_sum(wl * lf)
+        sum_xl = _seq_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         clamp = this_min > 0  # a positive min is not allowed: refit the scale through 0
         this_min = torch.where(clamp, zero, this_min)
         this_scale = torch.where(clamp, sum_xl / sum_l2, this_scale)
-        cur_error = _torch_weighted_error(x, w, Laux, this_scale, this_min, use_mad)
+        cur_error = _weighted_error(x, w, Laux, this_scale, this_min, use_mad)
         take = ~flat & (D > 0) & (cur_error < best_error)  # both False for nan, as in C
         L = torch.where(take[:, None], Laux, L)
         best_error = torch.where(take, cur_error, best_error)
@@ -445,7 +227,7 @@ def _torch_make_qkx2_quants(
     return L, scale, -mn
 
 
-def _torch_max_positive(v: torch.Tensor) -> torch.Tensor:
+def _max_positive(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``m = 0; for j: if (v[j] > m) m = v[j]`` along the last axis (+0.0 if none is > 0)."""
     m = torch.zeros(v.shape[:-1], dtype=torch.float32, device=v.device)
     for j in range(v.shape[-1]):
@@ -453,53 +235,56 @@ def _torch_max_positive(v: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _torch_requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nmax: int) -> torch.Tensor:
+def _requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nmax: int) -> torch.Tensor:
     """Final levels from the fp16-rounded sub-block scale ``d`` and min ``dm`` (per sub-block row).
 
     ``clamp(nearest_int((x + dm) / d), 0, nmax)``; a sub-block with ``d == 0``
     keeps the optimizer's ``L`` (ggml's ``if (!d) continue``; nan is not 0).
     """
-    new = torch.clamp(_torch_nearest_int((x + dm[..., None]) / d[..., None]), 0, nmax)
+    new = torch.clamp(_nearest_int((x + dm[..., None]) / d[..., None]), 0, nmax)
     return torch.where((d != 0)[..., None], new, L)
 
 
-# --------------------------------------------------------------------------- Q4_K / Q5_K (torch)
+# --------------------------------------------------------------------------- Q4_K / Q5_K
 
 
-def _torch_k32_sub_block_fits(
+def _k32_sub_block_fits(
     blocks: torch.Tensor, nmax: int, rmin: float, nstep: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K step 1: x (n, 8, 32), and L, scales, mins per 32-value sub-block."""
     x = blocks.reshape(-1, 8, 32)
-    av_x = _torch_sqrt(_torch_seq_sum(x * x) / _torch_f32(32.0, x))
+    av_x = _sqrtf(_seq_sum(x * x) / _const(32.0, x))
     w = av_x[..., None] + torch.abs(x)
-    L, scales, mins = _torch_make_qkx2_quants(
-        x.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, float(_RDELTA), nstep, False
-    )
+    L, scales, mins = make_qkx2_quants(x.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, float(_RDELTA), nstep, False)
     return x, L.reshape(-1, 8, 32), scales.reshape(-1, 8), mins.reshape(-1, 8)
 
 
-def _torch_k32_scales(
+def _k32_scales(
     x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, nmax: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K steps 2-3: (d/dmin fp16 bytes (n, 4), packed scales (n, 12), final L (n, 8, 32))."""
-    zero = _torch_f32(0.0, x)
-    c63 = _torch_f32(63.0, x)
-    max_scale = _torch_max_positive(scales)
-    max_min = _torch_max_positive(mins)
+    zero = _const(0.0, x)
+    c63 = _const(63.0, x)
+    max_scale = _max_positive(scales)
+    max_min = _max_positive(mins)
     inv_scale = torch.where(max_scale > 0, c63 / max_scale, zero)
     inv_min = torch.where(max_min > 0, c63 / max_min, zero)
     # ggml stores nearest_int into a uint8 (wraps mod 256) before MIN(63, .)
-    ls = torch.clamp(_torch_nearest_int(inv_scale[:, None] * scales) & 0xFF, max=63)
-    lm = torch.clamp(_torch_nearest_int(inv_min[:, None] * mins) & 0xFF, max=63)
-    d_bits, d = _torch_fp16_round(max_scale / c63)
-    dmin_bits, dmin = _torch_fp16_round(max_min / c63)
-    L = _torch_requantize(x, L, d[:, None] * ls.to(torch.float32), dmin[:, None] * lm.to(torch.float32), nmax)
-    return _torch_fp16_bytes(d_bits, dmin_bits), _torch_pack_scales_k4(ls, lm), L
+    ls = torch.clamp(_nearest_int(inv_scale[:, None] * scales) & 0xFF, max=63)
+    lm = torch.clamp(_nearest_int(inv_min[:, None] * mins) & 0xFF, max=63)
+    d_bits, d = _fp16_round(max_scale / c63)
+    dmin_bits, dmin = _fp16_round(max_min / c63)
+    L = _requantize(x, L, d[:, None] * ls.to(torch.float32), dmin[:, None] * lm.to(torch.float32), nmax)
+    return _fp16_bytes(d_bits, dmin_bits), _pack_scales_k4(ls, lm), L
 
 
-def _torch_pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """Eight 6-bit scales and eight 6-bit mins into 12 bytes, int32 (n, 12) (see ``_pack_scales_k4``)."""
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and eight 6-bit mins into 12 bytes, int32 (n, 12), in ggml's ``get_scale_min_k4`` layout.
+
+    Bytes 0-3: scale j (j < 4) in the low 6 bits; bytes 4-7: min j likewise.
+    Bytes 8-11: scale j+4 in the low nibble and min j+4 in the high nibble;
+    their top 2 bits go to the spare top bits of bytes j and j+4.
+    """
     return torch.cat(
         [
             ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
@@ -510,58 +295,57 @@ def _torch_pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _torch_q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    x, L, scales, mins = _torch_k32_sub_block_fits(blocks, 15, float(_RMIN_Q4_K), 20)
-    dd, sc, L = _torch_k32_scales(x, L, scales, mins, 15)
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    x, L, scales, mins = _k32_sub_block_fits(blocks, 15, float(_RMIN_Q4_K), 20)
+    dd, sc, L = _k32_scales(x, L, scales, mins, 15)
     # qs: 64-value chunk c = sub-blocks 2c (low nibbles) and 2c+1 (high nibbles), 32 bytes
     qs = L[:, 0::2] | (L[:, 1::2] << 4)
-    return _torch_bytes([dd, sc, qs.reshape(-1, 128)])
+    return _to_bytes([dd, sc, qs.reshape(-1, 128)])
 
 
-def _torch_q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    x, L, scales, mins = _torch_k32_sub_block_fits(blocks, 31, float(_RMIN_Q2_K_Q5_K), 15)
-    dd, sc, L = _torch_k32_scales(x, L, scales, mins, 31)
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    x, L, scales, mins = _k32_sub_block_fits(blocks, 31, float(_RMIN_Q2_K_Q5_K), 15)
+    dd, sc, L = _k32_scales(x, L, scales, mins, 31)
     # low 4 bits as Q4_K; bit 4 of value l of sub-block j goes to bit j of qh[l]
     qs = (L[:, 0::2] & 0xF) | ((L[:, 1::2] & 0xF) << 4)
     qh = torch.zeros_like(L[:, 0])
     for j in range(8):
         qh = qh | ((L[:, j] >> 4) << j)
-    return _torch_bytes([dd, sc, qh, qs.reshape(-1, 128)])
+    return _to_bytes([dd, sc, qh, qs.reshape(-1, 128)])
 
 
-# --------------------------------------------------------------------------- Q2_K (torch)
+# --------------------------------------------------------------------------- Q2_K
 
 
-def _torch_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     x = blocks.reshape(-1, 16, 16)
     # weights |x|, absolute (not squared) error
-    fit = _torch_make_qkx2_quants(
+    fit = make_qkx2_quants(
         x.reshape(-1, 16), torch.abs(x).reshape(-1, 16), 3, float(_RMIN_Q2_K_Q5_K), float(_RDELTA), 15, True
     )
     L, scales, mins = fit[0].reshape(-1, 16, 16), fit[1].reshape(-1, 16), fit[2].reshape(-1, 16)
-    zero = _torch_f32(0.0, x)
-    c15 = _torch_f32(15.0, x)
-    max_scale = _torch_max_positive(scales)
-    max_min = _torch_max_positive(mins)
+    zero = _const(0.0, x)
+    c15 = _const(15.0, x)
+    max_scale = _max_positive(scales)
+    max_min = _max_positive(mins)
     # scale in the low nibble, min in the high nibble; ggml writes the ints
     # into a uint8, so both wrap mod 256 (and a wrapped scale can spill into
     # the min nibble's place before the OR).  ``(v << 4) & 0xFF`` is written
     # ``(v & 0xF) << 4``: the same byte, without shifting bits out of an int32.
     has_s = (max_scale > 0)[:, None]
-    ls = torch.where(has_s, _torch_nearest_int((c15 / max_scale)[:, None] * scales), 0) & 0xFF
+    ls = torch.where(has_s, _nearest_int((c15 / max_scale)[:, None] * scales), 0) & 0xFF
     has_m = (max_min > 0)[:, None]
-    lm = torch.where(has_m, (_torch_nearest_int((c15 / max_min)[:, None] * mins) & 0xF) << 4, 0)
+    lm = torch.where(has_m, (_nearest_int((c15 / max_min)[:, None] * mins) & 0xF) << 4, 0)
     sc = ls | lm
-    d_bits, d = _torch_fp16_round(torch.where(max_scale > 0, max_scale / c15, zero))
-    dmin_bits, dmin = _torch_fp16_round(torch.where(max_min > 0, max_min / c15, zero))
+    d_bits, d = _fp16_round(torch.where(max_scale > 0, max_scale / c15, zero))
+    dmin_bits, dmin = _fp16_round(torch.where(max_min > 0, max_min / c15, zero))
     d_sub = d[:, None] * (sc & 0xF).to(torch.float32)
     dm_sub = dmin[:, None] * (sc >> 4).to(torch.float32)
-    L = _torch_requantize(x, L, d_sub, dm_sub, 3)
+    L = _requantize(x, L, d_sub, dm_sub, 3)
     # 2-bit planes: byte 32h+l holds values 128h+l+32k at bits 2k
     planes = L.reshape(-1, 2, 4, 32)
     qs = planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)
-    return _torch_bytes([sc, qs.reshape(-1, 64), _torch_fp16_bytes(d_bits, dmin_bits)])
-
+    return _to_bytes([sc, qs.reshape(-1, 64), _fp16_bytes(d_bits, dmin_bits)])
 
 # =========================================================================== numba fast kernels
 #
@@ -899,38 +683,26 @@ def _q2_k_kernel(blocks, out):  # type: ignore[no-untyped-def]
 
 class Q2_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q2_K):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q2_k_reference(np.asarray(blocks, np.float32))
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 84) on the same device, ggml's bytes."""
-        return _torch_q2_k(blocks.to(torch.float32))
+        return _q2_k(blocks.to(torch.float32))
 
     fast_kernel = staticmethod(_q2_k_kernel)
 
 
 class Q4_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q4_K):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q4_k_reference(np.asarray(blocks, np.float32))
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 144) on the same device, ggml's bytes."""
-        return _torch_q4_k(blocks.to(torch.float32))
+        return _q4_k(blocks.to(torch.float32))
 
     fast_kernel = staticmethod(_q4_k_kernel)
 
 
 class Q5_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q5_K):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q5_k_reference(np.asarray(blocks, np.float32))
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 176) on the same device, ggml's bytes."""
-        return _torch_q5_k(blocks.to(torch.float32))
+        return _q5_k(blocks.to(torch.float32))
 
     fast_kernel = staticmethod(_q5_k_kernel)

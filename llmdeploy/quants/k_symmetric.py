@@ -9,13 +9,19 @@ requantize every value with the *rounded* scale.  This is what ggml's
 ``ggml_quantize_chunk(type, ..., imatrix=NULL)`` (llama-quantize without
 ``--imatrix``) runs.
 
+Two implementations give ggml's bytes:
+
+* the reference, ``quantize_blocks``: eager torch, readable, vectorized over
+  sub-blocks (one tensor row each), on the CPU or a GPU;
+* the fast kernel, ``fast_kernel``: numba on the CPU, vectorized over SIMD
+  lanes (one sub-block per lane).
+
 Byte-exactness rests on doing every float32 operation that ggml does, in the
 same order, with the same rounding:
 
 * every sum is a sequential ``acc += term`` over the 16 elements of a
   sub-block, so both implementations loop over the element index and work on
-  many sub-blocks at once (numpy: one array row per sub-block; numba: one SIMD
-  lane per sub-block);
+  many sub-blocks at once;
 * a product such as ``w*x*l`` is ``(w*x)*l``; since ``w*x`` does not depend on
   the candidate grid it is computed once (the same float32 product);
 * ``nearest_int`` is ggml's ``1.5*2**23`` bit trick, kept literally wherever
@@ -25,27 +31,21 @@ same order, with the same rounding:
   and ggml's comparisons (false on nan) and truth tests (nan is true) decide
   what happens.  Both implementations carry the nan through the same way.
 
-Layout: shared helpers, then one section per ggml helper (make_qx_quants,
-make_q3_quants) holding the numpy reference (vectorized over sub-blocks), its
-torch port (``_torch_*``: the same steps on tensors of any device, CPU or
-CUDA) and its numba twin (vectorized over SIMD lanes), then one section per
-type with its numba kernel and its class (``quantize_blocks`` numpy,
-``quantize_blocks_torch`` torch).
+Layout: shared helpers (torch, then numba), then one section per ggml helper
+(make_qx_quants, make_q3_quants) holding its torch version (over tensor rows)
+and its numba twin (over SIMD lanes), then one section per type with its
+numba kernel and its class.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
 from ._jit import F32, bits_f32, f32_bits, fp16_bits_to_fp32, fp32_to_fp16_bits
 from .gguf_py import GgufPyDequantize
-
-if TYPE_CHECKING:
-    import torch
 
 QK_K = 256
 SUB = 16  # values per sub-block
@@ -69,64 +69,10 @@ _SUPER_PER_GROUP = LANES // N_SUB
 # =========================================================================== shared helpers
 
 
-def _nearest_int(f: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int on a float32 array: round half to even for |f| < 2**22, garbage beyond."""
-    return ((f.astype(np.float32) + _MAGIC).view(np.int32) & np.int32(0x7FFFFF)) - np.int32(0x400000)
-
-
-def _to_int8(v: np.ndarray) -> np.ndarray:
-    """C's conversion of an int to int8_t (wraps modulo 256)."""
-    return ((v.astype(np.int32) + 128) & 255) - 128
-
-
-def _fp16_round_trip(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fp16 bytes little-endian (n, 2), the float32 ggml reads back) of float32 scales."""
-    h = d.astype(np.float32).astype(np.float16)
-    return h.view(np.uint8).reshape(-1, 2), h.astype(np.float32)
-
-
-def _signed_absmax(v: np.ndarray) -> np.ndarray:
-    """Per row, the value with the largest |v| (first one on ties, sign kept), 0 if every |v| is 0.
-
-    ggml scans with ``if (fabsf(v) > amax)`` from amax = 0: strict, so the first
-    maximum wins, zeros never win and nan never wins (np.argmax would pick nan).
-    """
-    a = np.abs(v)
-    a = np.where(np.isnan(a), _ZERO, a)
-    idx = np.argmax(a, axis=1)
-    rows = np.arange(v.shape[0])
-    return np.where(a[rows, idx] > _ZERO, v[rows, idx], _ZERO).astype(np.float32)
-
-
-def _sequential_sum(terms: np.ndarray) -> np.ndarray:
-    """Row sums accumulated left to right in float32, as ggml's ``acc += term`` loops."""
-    acc = np.zeros(terms.shape[0], np.float32)
-    for i in range(terms.shape[1]):
-        acc = acc + terms[:, i]
-    return acc
-
-
-def _grid(iscale: np.ndarray, x: np.ndarray, nmax: int) -> np.ndarray:
-    """clamp(nearest_int(iscale*x), -nmax, nmax-1) per row scale ``iscale``."""
-    return np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-
-
-def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """L = clamp(nearest_int(x/d), lo, hi) - lo per sub-block scale d (n, 16); L is kept where d == 0.
-
-    ggml's ``if (!d) continue`` keeps the optimizer's L for a sub-block whose
-    rounded scale is 0 (a nan d is "true" and is requantized, to nearest_int(nan) = 0).
-    """
-    xs = x.reshape(-1, N_SUB, SUB)
-    new = np.clip(_nearest_int(xs / d[:, :, None]), lo, hi) - lo
-    return np.where((d != _ZERO)[:, :, None], new, L.reshape(-1, N_SUB, SUB)).reshape(-1, QK_K)
-
-
-# torch side: the same helpers on float32/int32 tensors, on any device.  The
-# operations are those of the numpy ones, one eager op at a time, with three
-# habits that keep CPU and CUDA on ggml's bytes:
+# torch: float32/int32 tensors on any device, one eager op at a time, with
+# three habits that keep CPU and CUDA on ggml's bytes:
 #
-# * a constant that divides is a float32 tensor on the device (``_torch_f32``):
+# * a constant that divides is a float32 tensor on the device (``_f32``):
 #   ``number / tensor`` is ``tensor.reciprocal() * number`` in torch (Tensor.__rdiv__),
 #   not a correctly rounded division (``-(nmax + 0.1*step) / vmax`` differs in
 #   about a quarter of cases); and on CUDA ``tensor / number`` (or a CPU scalar)
@@ -139,14 +85,12 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, lo: int, hi: int) -
 #   (nearest_int, fp16 rounding) selects x86's answer explicitly.
 
 
-def _torch_f32(value: float, like: torch.Tensor) -> torch.Tensor:
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
     """A float32 scalar tensor on ``like``'s device (``value`` rounded to float32, as F32(value))."""
-    import torch
-
     return torch.tensor(float(value), dtype=torch.float32, device=like.device)
 
 
-def _torch_nearest_int(f: torch.Tensor) -> torch.Tensor:
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int on a float32 tensor, as int32: round half to even for |f| < 2**22, garbage beyond.
 
     ``f + 1.5*2**23`` is a float32 addition (the constant is exact), then its
@@ -154,18 +98,16 @@ def _torch_nearest_int(f: torch.Tensor) -> torch.Tensor:
     0x400000) gives 0, CUDA's (0x7FFFFF) would give 4194303, so nan is mapped to
     x86's 0 explicitly.  +-inf gives -4194304 on both.
     """
-    import torch
-
     r = ((f + float(_MAGIC)).view(torch.int32) & 0x7FFFFF) - 0x400000
     return torch.where(torch.isnan(f), 0, r)
 
 
-def _torch_to_int8(v: torch.Tensor) -> torch.Tensor:
+def _to_int8(v: torch.Tensor) -> torch.Tensor:
     """C's conversion of an int to int8_t (wraps modulo 256), on int32."""
     return ((v + 128) & 255) - 128
 
 
-def _torch_fp16_round_trip(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp16_round_trip(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 bytes little-endian as int32 (n, 2), the float32 ggml reads back) of float32 scales.
 
     The conversion rounds to nearest even on CPU and CUDA alike; a nan is
@@ -173,8 +115,6 @@ def _torch_fp16_round_trip(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     reaches it here (the super-block scale never is nan), but the bits stay
     defined if one did.
     """
-    import torch
-
     h = d.to(torch.float16)
     bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
     sign = (d.view(torch.int32) >> 16) & 0x8000
@@ -182,15 +122,13 @@ def _torch_fp16_round_trip(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack([bits & 0xFF, bits >> 8], dim=1), h.to(torch.float32)
 
 
-def _torch_signed_absmax(v: torch.Tensor) -> torch.Tensor:
+def _signed_absmax(v: torch.Tensor) -> torch.Tensor:
     """Per row, the value with the largest |v| (first one on ties, sign kept), +0 if every |v| is 0.
 
     ggml's scan ``if (fabsf(v) > amax)`` from amax = 0, column by column: a
     strict comparison, so the first maximum wins and neither a zero (-0
     included) nor a nan ever does.
     """
-    import torch
-
     amax = torch.zeros(v.shape[0], dtype=torch.float32, device=v.device)
     vmax = torch.zeros_like(amax)
     for i in range(v.shape[1]):
@@ -201,30 +139,27 @@ def _torch_signed_absmax(v: torch.Tensor) -> torch.Tensor:
     return vmax
 
 
-def _torch_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Row sums accumulated left to right in float32, as ggml's ``acc += term`` loops (never torch.sum)."""
-    import torch
-
     acc = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
     for i in range(terms.shape[1]):
         acc = acc + terms[:, i]
     return acc
 
 
-def _torch_grid(iscale: torch.Tensor, x: torch.Tensor, nmax: int) -> torch.Tensor:
+def _grid(iscale: torch.Tensor, x: torch.Tensor, nmax: int) -> torch.Tensor:
     """clamp(nearest_int(iscale*x), -nmax, nmax-1) per row scale ``iscale``, as int32."""
-    return _torch_nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+    return _nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
 
 
-def _torch_requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def _requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """L = clamp(nearest_int(x/d), lo, hi) - lo per sub-block scale d (n, 16); L is kept where d == 0.
 
-    As ``_requantize``: a nan d counts as nonzero and gives nearest_int(nan) = 0.
+    ggml's ``if (!d) continue`` keeps the optimizer's L for a sub-block whose
+    rounded scale is 0 (a nan d is "true" and is requantized, to nearest_int(nan) = 0).
     """
-    import torch
-
     xs = x.reshape(-1, N_SUB, SUB)
-    new = _torch_nearest_int(xs / d[:, :, None]).clamp(lo, hi) - lo
+    new = _nearest_int(xs / d[:, :, None]).clamp(lo, hi) - lo
     return torch.where((d != 0)[:, :, None], new, L.reshape(-1, N_SUB, SUB)).reshape(-1, QK_K)
 
 
@@ -307,60 +242,25 @@ def _max_abs_scale(scale, base):  # type: ignore[no-untyped-def]
 # =========================================================================== make_qx_quants (rmse_type=1, no qw)
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` on each row of ``x``.
+def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` on each float32 row of ``x``.
 
     Returns (scale float32 (m,), L int32 (m, n) in [0, 2*nmax-1]; 0 for all-zero rows).
     Tries the grid iscale = -nmax/max and 18 stretched ones -(nmax + 0.1*is)/max,
     is = -9..9, and keeps the one with the best weighted least-squares fit, weight
     ``x*x``; a candidate must beat the best strictly (``sumlx**2 > best*suml2``).
     """
-    with np.errstate(all="ignore"):  # inf/nan from huge or all-zero rows are ggml's too
-        return _make_qx_quants(x.astype(np.float32), nmax)
-
-
-def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     vmax = _signed_absmax(x)
-    zero = np.abs(vmax) < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x  # ggml's w*x[i]*l is (w*x[i])*l: this product is the same for every candidate
-
-    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lf = _grid(iscale, x, nmax).astype(np.float32)
-        return _sequential_sum(wx * lf), _sequential_sum((w * lf) * lf)
-
-    best_iscale = F32(-nmax) / vmax
-    sumlx, suml2 = sums(best_iscale)
-    scale = np.where(suml2 != _ZERO, sumlx / suml2, _ZERO).astype(np.float32)  # C: suml2 ? .. : 0 (nan is true)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(F32(nmax) + _TENTH * F32(step)) / vmax
-        sumlx, suml2 = sums(iscale)
-        better = (suml2 > _ZERO) & (sumlx * sumlx > best * suml2)
-        best_iscale = np.where(better, iscale, best_iscale)
-        scale = np.where(better, sumlx / suml2, scale)
-        best = np.where(better, scale * sumlx, best)
-    L = _grid(best_iscale, x, nmax) + nmax  # ggml rewrites L with the winning iscale: same values
-    return np.where(zero, _ZERO, scale), np.where(zero[:, None], 0, L)
-
-
-def _torch_make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_qx_quants`` on float32 tensor rows: (scale float32 (m,), L int32 (m, n)), the same steps."""
-    import torch
-
-    vmax = _torch_signed_absmax(x)
-    zero = vmax.abs() < _torch_f32(GROUP_MAX_EPS, x)
+    zero = vmax.abs() < _f32(GROUP_MAX_EPS, x)
     w = x * x
     wx = w * x  # ggml's w*x[i]*l is (w*x[i])*l: this product is the same for every candidate
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lf = _torch_grid(iscale, x, nmax).to(torch.float32)
-        return _torch_sequential_sum(wx * lf), _torch_sequential_sum((w * lf) * lf)
+        lf = _grid(iscale, x, nmax).to(torch.float32)
+        return _sequential_sum(wx * lf), _sequential_sum((w * lf) * lf)
 
-    fmax = _torch_f32(nmax, x)
-    tenth = _torch_f32(0.1, x)
+    fmax = _f32(nmax, x)
+    tenth = _f32(0.1, x)
     best_iscale = -fmax / vmax
     sumlx, suml2 = sums(best_iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, 0.0)  # C: suml2 ? .. : 0 (nan is true)
@@ -374,7 +274,7 @@ def _torch_make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, tor
         best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
-    L = _torch_grid(best_iscale, x, nmax) + nmax  # ggml rewrites L with the winning iscale: same values
+    L = _grid(best_iscale, x, nmax) + nmax  # ggml rewrites L with the winning iscale: same values
     return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
 
 
@@ -436,80 +336,30 @@ def _make_qx_quants_lanes(xt, w, wx, vmax, nmax, scale, best_iscale):  # type: i
 # =========================================================================== make_q3_quants (do_rmse=true)
 
 
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on each row of ``x``.
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on each float32 row of ``x``.
 
     Start from L = grid(-nmax/max), then improve one element at a time: for each
     i, the best level for x[i] given the other elements' sums is
     nearest_int(x[i]*sl2/slx); it is taken when it raises ``sumlx**2/suml2``.
     Each accepted change updates the running sums that the next element sees,
     so the elements of a row are visited in order; rows are independent and
-    run side by side.  A pass that changes nothing ends the row's refinement
-    (at most 5 passes): ``active`` masks rows that already stopped.
+    run side by side.  A pass that changes nothing ends ggml's refinement of a
+    row (at most 5 passes); here all 5 passes run and ``active`` masks out the
+    rows that stopped (no data-dependent Python branch, so nothing waits on
+    the device).
 
     Returns (scale float32 (m,), L int32 (m, n) in [0, 2*nmax-1]; 0 for all-zero rows).
     """
-    with np.errstate(all="ignore"):  # inf/nan from huge or all-zero rows are ggml's too
-        return _make_q3_quants(x.astype(np.float32), nmax)
-
-
-def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     m, n = x.shape
     vmax = _signed_absmax(x)
-    zero = np.abs(vmax) < GROUP_MAX_EPS
+    zero = vmax.abs() < _f32(GROUP_MAX_EPS, x)
     w = x * x
     wx = w * x
-    L = _grid(F32(-nmax) / vmax, x, nmax)
-    lf = L.astype(np.float32)
+    L = _grid(-_f32(nmax, x) / vmax, x, nmax)
+    lf = L.to(torch.float32)
     sumlx = _sequential_sum(wx * lf)
     suml2 = _sequential_sum((w * lf) * lf)
-    active = ~zero
-    for _ in range(5):
-        changed = np.zeros(m, bool)
-        for i in range(n):
-            old = L[:, i].astype(np.float32)
-            slx = sumlx - wx[:, i] * old  # the sums without element i
-            sl2 = suml2 - (w[:, i] * old) * old
-            new = np.clip(_nearest_int((x[:, i] * sl2) / slx), -nmax, nmax - 1)
-            newf = new.astype(np.float32)
-            slx_new = slx + wx[:, i] * newf
-            sl2_new = sl2 + (w[:, i] * newf) * newf
-            take = (
-                active
-                & (slx > _ZERO)
-                & (new != L[:, i])
-                & (sl2_new > _ZERO)
-                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
-            )
-            L[:, i] = np.where(take, new, L[:, i])
-            sumlx = np.where(take, slx_new, sumlx)
-            suml2 = np.where(take, sl2_new, suml2)
-            changed |= take
-        active &= changed
-        if not active.any():
-            break
-    scale = np.where(suml2 > _ZERO, sumlx / suml2, _ZERO).astype(np.float32)
-    return np.where(zero, _ZERO, scale), np.where(zero[:, None], 0, L + nmax)
-
-
-def _torch_make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_q3_quants`` on float32 tensor rows: (scale float32 (m,), L int32 (m, n)), the same steps.
-
-    The numpy version stops once no row is active; here the 5 passes always
-    run, rows that stopped being masked out by ``active`` (no data-dependent
-    Python branch, so nothing waits on the device).
-    """
-    import torch
-
-    m, n = x.shape
-    vmax = _torch_signed_absmax(x)
-    zero = vmax.abs() < _torch_f32(GROUP_MAX_EPS, x)
-    w = x * x
-    wx = w * x
-    L = _torch_grid(-_torch_f32(nmax, x) / vmax, x, nmax)
-    lf = L.to(torch.float32)
-    sumlx = _torch_sequential_sum(wx * lf)
-    suml2 = _torch_sequential_sum((w * lf) * lf)
     active = ~zero
     for _ in range(5):
         changed = torch.zeros(m, dtype=torch.bool, device=x.device)
@@ -518,7 +368,7 @@ def _torch_make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, tor
             slx = sumlx - wx[:, i] * old  # the sums without element i
             sl2 = suml2 - (w[:, i] * old) * old
             # x*sl2/slx is unbounded (slx may be tiny): nearest_int's garbage, then the clamp, as in C
-            new = _torch_nearest_int((x[:, i] * sl2) / slx).clamp(-nmax, nmax - 1)
+            new = _nearest_int((x[:, i] * sl2) / slx).clamp(-nmax, nmax - 1)
             newf = new.to(torch.float32)
             slx_new = slx + wx[:, i] * newf
             sl2_new = sl2 + (w[:, i] * newf) * newf
@@ -753,59 +603,24 @@ class Q3_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q3_K):
     fast_kernel = staticmethod(_q3_k_kernel)
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(blocks, np.float32).reshape(-1, QK_K)
-        n = x.shape[0]
-        with np.errstate(all="ignore"):
-            scales, L = make_q3_quants(x.reshape(-1, SUB), 4)
-            scales = scales.reshape(n, N_SUB)
-            L = L.reshape(n, QK_K)
-
-            max_scale = _signed_absmax(scales)
-            has_scale = max_scale != _ZERO
-            iscale = F32(-32.0) / np.where(has_scale, max_scale, _ONE)
-            # C stores nearest_int into an int8_t before clamping, hence the wrap.
-            sc = np.clip(_to_int8(_nearest_int(iscale[:, None] * scales)), -32, 31) + 32
-            sc = np.where(has_scale[:, None], sc, 0)  # no scale: the 12 bytes stay zero
-            d_bytes, d = _fp16_round_trip(np.where(has_scale, _ONE / iscale, _ZERO))
-            # The block is requantized with what the bytes say: d(fp16) * (sc - 32).
-            d_sub = d[:, None] * (sc - 32).astype(np.float32)
-            L = _requantize(x, L, d_sub, -4, 3)
-
-        out = np.empty((n, cls.type_size), np.uint8)
-        high = L > 3
-        planes = high.reshape(n, 8, 32).astype(np.uint8)
-        out[:, 0:32] = sum(planes[:, k] << k for k in range(8))
-        low = np.where(high, L - 4, L).astype(np.uint8).reshape(n, 2, 4, 32)
-        out[:, 32:96] = sum(low[:, :, q] << (2 * q) for q in range(4)).reshape(n, 64)
-        sc8 = sc.astype(np.uint8)
-        out[:, 96:104] = (sc8[:, :8] & 15) | ((sc8[:, 8:] & 15) << 4)
-        hi2 = (sc8 >> 4).reshape(n, 4, 4)  # [j // 4, j % 4]
-        out[:, 104:108] = sum(hi2[:, q] << (2 * q) for q in range(4))
-        out[:, 108:110] = d_bytes
-        return out
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 110) on the same device, ggml's bytes."""
-        import torch
-
         x = blocks.to(torch.float32).reshape(-1, QK_K)
         n = x.shape[0]
-        scales, L = _torch_make_q3_quants(x.reshape(-1, SUB), 4)
+        scales, L = make_q3_quants(x.reshape(-1, SUB), 4)
         scales = scales.reshape(n, N_SUB)
         L = L.reshape(n, QK_K)
 
-        max_scale = _torch_signed_absmax(scales)
+        max_scale = _signed_absmax(scales)
         has_scale = max_scale != 0
-        iscale = _torch_f32(-32.0, x) / torch.where(has_scale, max_scale, 1.0)
+        iscale = _f32(-32.0, x) / torch.where(has_scale, max_scale, 1.0)
         # C stores nearest_int into an int8_t before clamping, hence the wrap.
-        sc = _torch_to_int8(_torch_nearest_int(iscale[:, None] * scales)).clamp(-32, 31) + 32
+        sc = _to_int8(_nearest_int(iscale[:, None] * scales)).clamp(-32, 31) + 32
         sc = torch.where(has_scale[:, None], sc, 0)  # no scale: the 12 bytes stay zero
-        d_bytes, d = _torch_fp16_round_trip(torch.where(has_scale, _torch_f32(1.0, x) / iscale, 0.0))
+        d_bytes, d = _fp16_round_trip(torch.where(has_scale, _f32(1.0, x) / iscale, 0.0))
         # The block is requantized with what the bytes say: d(fp16) * (sc - 32).
         d_sub = d[:, None] * (sc - 32).to(torch.float32)
-        L = _torch_requantize(x, L, d_sub, -4, 3)
+        L = _requantize(x, L, d_sub, -4, 3)
 
         high = (L > 3).to(torch.int32)
         planes = high.reshape(n, 8, 32)  # bit k of hmask[m]: bit 2 of the level of value 32k + m
@@ -916,52 +731,21 @@ class Q6_K(GgufPyDequantize, qtype=GGMLQuantizationType.Q6_K):
     fast_kernel = staticmethod(_q6_k_kernel)
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(blocks, np.float32).reshape(-1, QK_K)
-        n = x.shape[0]
-        with np.errstate(all="ignore"):
-            scales, L = make_qx_quants(x.reshape(-1, SUB), 32)
-            scales = scales.reshape(n, N_SUB)
-            L = L.reshape(n, QK_K)
-
-            max_scale = _signed_absmax(scales)
-            empty = np.abs(max_scale) < GROUP_MAX_EPS  # ggml memsets the whole block
-            iscale = F32(-128.0) / np.where(empty, _ONE, max_scale)
-            sc = _to_int8(np.minimum(127, _nearest_int(iscale[:, None] * scales)))
-            d_bytes, d = _fp16_round_trip(_ONE / iscale)
-            d_sub = d[:, None] * sc.astype(np.float32)
-            L = _requantize(x, L, d_sub, -32, 31)
-
-        L = L.astype(np.uint8).reshape(n, 2, 4, 32)  # [half, quarter, l]
-        out = np.empty((n, cls.type_size), np.uint8)
-        ql = np.empty((n, 2, 2, 32), np.uint8)  # [half, 0: quarters 0|2, 1: quarters 1|3, l]
-        ql[:, :, 0] = (L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4)
-        ql[:, :, 1] = (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)
-        out[:, 0:128] = ql.reshape(n, 128)
-        out[:, 128:192] = sum((L[:, :, q] >> 4) << (2 * q) for q in range(4)).reshape(n, 64)
-        out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
-        out[:, 208:210] = d_bytes
-        out[empty] = 0
-        return out
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 256) on any device -> uint8 (n, 210) on the same device, ggml's bytes."""
-        import torch
-
         x = blocks.to(torch.float32).reshape(-1, QK_K)
         n = x.shape[0]
-        scales, L = _torch_make_qx_quants(x.reshape(-1, SUB), 32)
+        scales, L = make_qx_quants(x.reshape(-1, SUB), 32)
         scales = scales.reshape(n, N_SUB)
         L = L.reshape(n, QK_K)
 
-        max_scale = _torch_signed_absmax(scales)
-        empty = max_scale.abs() < _torch_f32(GROUP_MAX_EPS, x)  # ggml memsets the whole block
-        iscale = _torch_f32(-128.0, x) / torch.where(empty, 1.0, max_scale)
-        sc = _torch_to_int8(_torch_nearest_int(iscale[:, None] * scales).clamp(max=127))
-        d_bytes, d = _torch_fp16_round_trip(_torch_f32(1.0, x) / iscale)
+        max_scale = _signed_absmax(scales)
+        empty = max_scale.abs() < _f32(GROUP_MAX_EPS, x)  # ggml memsets the whole block
+        iscale = _f32(-128.0, x) / torch.where(empty, 1.0, max_scale)
+        sc = _to_int8(_nearest_int(iscale[:, None] * scales).clamp(max=127))
+        d_bytes, d = _fp16_round_trip(_f32(1.0, x) / iscale)
         d_sub = d[:, None] * sc.to(torch.float32)
-        L = _torch_requantize(x, L, d_sub, -32, 31)
+        L = _requantize(x, L, d_sub, -32, 31)
 
         L = L.reshape(n, 2, 4, 32)  # [half, quarter, l]
         ql = torch.stack(  # [half, 0: quarters 0|2, 1: quarters 1|3, l]

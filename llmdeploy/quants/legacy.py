@@ -38,7 +38,13 @@ Details that decide byte-exactness:
   out-of-range floats convert to INT32_MIN, whose low byte is 0.  That
   matters when ``d`` is a float32 subnormal: ``1.0f/d`` overflows to inf, every
   ``x*id`` is +-inf or NaN (``0*inf``), and every q comes out 0 (not 8/16).
-* ``roundf`` rounds half away from zero (not numpy's half to even).
+* ``roundf`` rounds half away from zero (not to even, as ``torch.round`` does).
+
+Two implementations of the same arithmetic:
+
+* the reference, ``quantize_blocks``: eager torch, vectorized across blocks,
+  readable step by step, byte-identical on the CPU and on a CUDA GPU;
+* the fast kernel (numba, CPU): the same bytes, one block after another.
 
 Dequantization goes through gguf-py, which equals ggml's ``dequantize_row_*``.
 """
@@ -50,9 +56,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
-from ._jit import F32
-from ._jit import fp16_bits
-from .float import _torch_fp16_bits, _torch_le_bytes
+from ._jit import F32, fp16_bits
+from .float import _fp16_bytes, _le_bytes
 from .gguf_py import GgufPyDequantize
 
 QK = 32  # values per block
@@ -61,136 +66,13 @@ _ZERO = F32(0.0)
 _HALF = F32(0.5)
 _ONE = F32(1.0)
 _INF = F32(np.inf)
-_INT32_MIN = np.int32(-(2**31))
 
 
-# =========================================================================== numpy reference
-
-
-def _cvtt_i32(v: np.ndarray) -> np.ndarray:
-    """float32 -> int32 as gcc's casts run on x86 (cvttss2si / cvttps2dq).
-
-    Truncation toward zero; NaN and values outside the int32 range give
-    INT32_MIN.  C leaves those undefined, but this is what libggml does.
-    """
-    ok = (v >= F32(-(2.0**31))) & (v < F32(2.0**31))  # False for NaN
-    return np.where(ok, np.where(ok, v, _ZERO).astype(np.int32), _INT32_MIN)
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    """ggml's ``id = d ? 1.0f/d : 0.0f`` (inf when d is a tiny subnormal)."""
-    with np.errstate(divide="ignore", over="ignore"):
-        return np.where(d != _ZERO, _ONE / np.where(d != _ZERO, d, _ONE), _ZERO).astype(np.float32)
-
-
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    """(n,) float32 -> (n, 2) uint8: fp16, round to nearest even, overflow to inf (as ggml)."""
-    with np.errstate(over="ignore"):
-        return v.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _signed_absmax(x: np.ndarray) -> np.ndarray:
-    """Per block, the first value of largest magnitude, with its sign; +0 for a zero block.
-
-    ggml: ``amax = max = 0.0f; if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``.
-    ``argmax`` also returns the first of equal maxima.
-    """
-    ax = np.abs(x)
-    idx = ax.argmax(axis=1)[:, None]
-    return np.where(np.take_along_axis(ax, idx, 1)[:, 0] > _ZERO, np.take_along_axis(x, idx, 1)[:, 0], _ZERO)
-
-
-def _min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, ggml's ``if (v < min) min = v; if (v > max) max = v;`` from +-FLT_MAX.
-
-    The first of equal extremes is kept, which only shows for zeros: the sign
-    of the first zero is what Q4_1/Q5_1 store in ``m``.  ``argmin``/``argmax``
-    return first occurrences and compare -0 == +0, as C does.
-    """
-    lo = np.take_along_axis(x, x.argmin(axis=1)[:, None], 1)[:, 0]
-    hi = np.take_along_axis(x, x.argmax(axis=1)[:, None], 1)[:, 0]
-    return lo, hi
-
-
-def _pack_nibbles(q: np.ndarray, mask: int = 0xFF) -> np.ndarray:
-    """(n, 32) ints -> (n, 16) uint8: low nibble value j, high nibble value j+16.
-
-    Q5 masks each value to its low 4 bits first; Q4 ORs the whole bytes (ggml's
-    ``qs = xi0 | xi1 << 4``), which differs only if a value exceeded 15.
-    """
-    return ((q[:, :16] & mask) | ((q[:, 16:] & mask) << 4)).astype(np.uint8)
-
-
-def _pack_qh(q: np.ndarray) -> np.ndarray:
-    """(n, 32) ints -> (n, 4) uint8: the little-endian u32 whose bit j is bit 4 of value j."""
-    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(QK, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
-
-
-def _symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_0 (nmax 8) / Q5_0 (nmax 16): the scale d and the unsigned values q."""
-    d = _signed_absmax(x) / F32(-nmax)
-    id_ = _inverse(d)
-    with np.errstate(invalid="ignore", over="ignore"):
-        v = x * id_[:, None] + F32(nmax + 0.5)  # product, then sum, each rounded to float32
-    q = np.minimum(2 * nmax - 1, _cvtt_i32(v).astype(np.int8).astype(np.int32))
-    return d, q & 0xFF  # MIN() is an int, stored as uint8_t
-
-
-def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 (nmax 15, clamped) / Q5_1 (nmax 31, not clamped): d, m = min and the values q."""
-    lo, hi = _min_max(x)
-    with np.errstate(invalid="ignore", over="ignore"):
-        d = (hi - lo) / F32(nmax)
-        id_ = _inverse(d)
-        v = (x - lo[:, None]) * id_[:, None] + _HALF
-    q = _cvtt_i32(v)
-    if clamp:  # MIN(15, (int8_t)v)
-        q = np.minimum(nmax, q.astype(np.int8).astype(np.int32))
-    return d, lo, q & 0xFF  # (uint8_t)v is the low byte
-
-
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero) on float32, exactly: ``v - trunc(v)`` is exact."""
-    t = np.trunc(v)
-    with np.errstate(invalid="ignore"):
-        return np.where(np.abs(v - t) >= _HALF, t + np.copysign(_ONE, v), t).astype(np.float32)
-
-
-def _q8_0_reference(x: np.ndarray) -> np.ndarray:
-    d = np.abs(x).max(axis=1) / F32(127)
-    id_ = _inverse(d)
-    with np.errstate(invalid="ignore"):
-        q = _cvtt_i32(_roundf(x * id_[:, None]))
-    return np.concatenate([_fp16_bytes(d), (q & 0xFF).astype(np.uint8)], axis=1)
-
-
-def _q4_0_reference(x: np.ndarray) -> np.ndarray:
-    d, q = _symmetric(x, 8)
-    return np.concatenate([_fp16_bytes(d), _pack_nibbles(q)], axis=1)
-
-
-def _q5_0_reference(x: np.ndarray) -> np.ndarray:
-    d, q = _symmetric(x, 16)
-    return np.concatenate([_fp16_bytes(d), _pack_qh(q), _pack_nibbles(q, 0x0F)], axis=1)
-
-
-def _q4_1_reference(x: np.ndarray) -> np.ndarray:
-    d, m, q = _affine(x, 15, clamp=True)
-    return np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _pack_nibbles(q)], axis=1)
-
-
-def _q5_1_reference(x: np.ndarray) -> np.ndarray:
-    d, m, q = _affine(x, 31, clamp=False)
-    return np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _pack_qh(q), _pack_nibbles(q, 0x0F)], axis=1)
-
-
-# =========================================================================== torch reference
+# =========================================================================== reference (torch)
 #
-# The numpy reference above, op for op, in eager torch on any device: every
-# tensor and constant lives on ``blocks.device``, everything is float32 with
-# one rounding per op, and nothing branches on data.  What keeps CPU and CUDA
-# byte-identical to ggml:
+# Eager torch on any device: every tensor and constant lives on
+# ``blocks.device``, everything is float32 with one rounding per op, and
+# nothing branches on data.  What keeps CPU and CUDA byte-identical to ggml:
 #
 # * Products and sums are separate ops (``x * id`` then ``+ 8.5``), never a
 #   fused kernel that CUDA could contract to an FMA.
@@ -205,41 +87,43 @@ def _q5_1_reference(x: np.ndarray) -> np.ndarray:
 #   ggml's strict comparisons, which settle ties, signed zeros and NaN as C does.
 
 
-def _torch_f32(value: float, like: torch.Tensor) -> torch.Tensor:
+def _f32_const(value: float, like: torch.Tensor) -> torch.Tensor:
     """A float32 constant on ``like``'s device (see above: used for every divisor)."""
     return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
-def _torch_cvtt_i32(v: torch.Tensor) -> torch.Tensor:
-    """float32 -> int32 as x86's truncating conversion: NaN and out-of-range give INT32_MIN."""
+def _cvtt_i32(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 as gcc's casts run on x86 (cvttss2si / cvttps2dq).
+
+    Truncation toward zero; NaN and values outside the int32 range give
+    INT32_MIN.  C leaves those undefined, but this is what libggml does.
+    """
     ok = (v >= -(2.0**31)) & (v < 2.0**31)  # False for NaN
     return torch.where(ok, torch.where(ok, v, 0.0).to(torch.int32), -(2**31))
 
 
-def _torch_int8(t: torch.Tensor) -> torch.Tensor:
+def _int8(t: torch.Tensor) -> torch.Tensor:
     """C's ``(int8_t)`` of an int32: the low byte, sign-extended."""
     return ((t & 0xFF) ^ 0x80) - 0x80
 
 
-def _torch_inverse(d: torch.Tensor) -> torch.Tensor:
+def _inverse(d: torch.Tensor) -> torch.Tensor:
     """ggml's ``id = d ? 1.0f/d : 0.0f`` (inf when d is a tiny subnormal)."""
     nonzero = d != 0.0
-    return torch.where(nonzero, _torch_f32(1.0, d) / torch.where(nonzero, d, 1.0), 0.0)
+    return torch.where(nonzero, _f32_const(1.0, d) / torch.where(nonzero, d, 1.0), 0.0)
 
 
-def _torch_fp16_bytes(v: torch.Tensor) -> torch.Tensor:
-    """(n,) float32 -> (n, 2) uint8: ggml's fp16 of each value, little-endian."""
-    return _torch_le_bytes(_torch_fp16_bits(v), 2)
-
-
-def _torch_roundf(v: torch.Tensor) -> torch.Tensor:
+def _roundf(v: torch.Tensor) -> torch.Tensor:
     """C roundf (half away from zero) on float32, exactly: ``v - trunc(v)`` is exact; +-inf and NaN pass."""
     t = torch.trunc(v)
     return torch.where((v - t).abs() >= 0.5, t + torch.copysign(torch.ones_like(v), v), t)
 
 
-def _torch_signed_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Per block, ggml's ``amax = max = 0.0f; if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``."""
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per block, the first value of largest magnitude, with its sign; +0 for a zero block.
+
+    ggml: ``amax = max = 0.0f; if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``.
+    """
     amax = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     signed = torch.zeros_like(amax)
     for j in range(x.shape[1]):
@@ -250,8 +134,12 @@ def _torch_signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return signed
 
 
-def _torch_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block, ggml's ``if (v < min) min = v; if (v > max) max = v;`` from +-FLT_MAX."""
+def _min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, ggml's ``if (v < min) min = v; if (v > max) max = v;`` from +-FLT_MAX.
+
+    The first of equal extremes is kept, which only shows for zeros: the sign
+    of the first zero is what Q4_1/Q5_1 store in ``m``.
+    """
     flt_max = torch.finfo(torch.float32).max
     lo = torch.full((x.shape[0],), flt_max, dtype=torch.float32, device=x.device)
     hi = torch.full_like(lo, -flt_max)
@@ -262,67 +150,42 @@ def _torch_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def _torch_pack_nibbles(q: torch.Tensor, mask: int = 0xFF) -> torch.Tensor:
-    """(n, 32) int32 -> (n, 16) uint8: low nibble value j, high nibble value j+16 (see ``_pack_nibbles``)."""
+def _pack_nibbles(q: torch.Tensor, mask: int = 0xFF) -> torch.Tensor:
+    """(n, 32) int32 -> (n, 16) uint8: low nibble value j, high nibble value j+16.
+
+    Q5 masks each value to its low 4 bits first; Q4 ORs the whole bytes (ggml's
+    ``qs = xi0 | xi1 << 4``), which differs only if a value exceeded 15.
+    """
     return (((q[:, :16] & mask) | ((q[:, 16:] & mask) << 4)) & 0xFF).to(torch.uint8)
 
 
-def _torch_pack_qh(q: torch.Tensor) -> torch.Tensor:
+def _pack_qh(q: torch.Tensor) -> torch.Tensor:
     """(n, 32) int32 -> (n, 4) uint8: the little-endian u32 whose bit j is bit 4 of value j."""
     shifts = torch.arange(QK, dtype=torch.int64, device=q.device)
     qh = (((q >> 4) & 1).to(torch.int64) << shifts).sum(dim=1)  # disjoint bits: the integer sum is their OR
-    return _torch_le_bytes(qh, 4)
+    return _le_bytes(qh, 4)
 
 
-def _torch_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 (nmax 8) / Q5_0 (nmax 16): the scale d and the unsigned values q."""
-    d = _torch_signed_absmax(x) / _torch_f32(-nmax, x)
-    id_ = _torch_inverse(d)
+    d = _signed_absmax(x) / _f32_const(-nmax, x)
+    id_ = _inverse(d)
     v = x * id_[:, None] + (nmax + 0.5)  # product, then sum, each rounded to float32
     # With d subnormal, id is inf and every v is +-inf or NaN: INT32_MIN, byte 0.
-    q = _torch_int8(_torch_cvtt_i32(v)).clamp(max=2 * nmax - 1)
+    q = _int8(_cvtt_i32(v)).clamp(max=2 * nmax - 1)
     return d, q & 0xFF  # MIN() is an int, stored as uint8_t
 
 
-def _torch_affine(x: torch.Tensor, nmax: int, clamp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _affine(x: torch.Tensor, nmax: int, clamp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1 (nmax 15, clamped) / Q5_1 (nmax 31, not clamped): d, m = min and the values q."""
-    lo, hi = _torch_min_max(x)
-    d = (hi - lo) / _torch_f32(nmax, x)  # inf if max - min overflows: id 0, v 0.5 or NaN
-    id_ = _torch_inverse(d)
+    lo, hi = _min_max(x)
+    d = (hi - lo) / _f32_const(nmax, x)  # inf if max - min overflows: id 0, v 0.5 or NaN
+    id_ = _inverse(d)
     v = (x - lo[:, None]) * id_[:, None] + 0.5
-    q = _torch_cvtt_i32(v)
+    q = _cvtt_i32(v)
     if clamp:  # MIN(15, (int8_t)v)
-        q = _torch_int8(q).clamp(max=nmax)
+        q = _int8(q).clamp(max=nmax)
     return d, lo, q & 0xFF  # (uint8_t)v is the low byte
-
-
-def _q8_0_torch(x: torch.Tensor) -> torch.Tensor:
-    d = x.abs().amax(dim=1) / _torch_f32(127.0, x)  # a max is exact in any order (finite input)
-    id_ = _torch_inverse(d)
-    q = _torch_cvtt_i32(_torch_roundf(x * id_[:, None]))
-    return torch.cat([_torch_fp16_bytes(d), (q & 0xFF).to(torch.uint8)], dim=1)
-
-
-def _q4_0_torch(x: torch.Tensor) -> torch.Tensor:
-    d, q = _torch_symmetric(x, 8)
-    return torch.cat([_torch_fp16_bytes(d), _torch_pack_nibbles(q)], dim=1)
-
-
-def _q5_0_torch(x: torch.Tensor) -> torch.Tensor:
-    d, q = _torch_symmetric(x, 16)
-    return torch.cat([_torch_fp16_bytes(d), _torch_pack_qh(q), _torch_pack_nibbles(q, 0x0F)], dim=1)
-
-
-def _q4_1_torch(x: torch.Tensor) -> torch.Tensor:
-    d, m, q = _torch_affine(x, 15, clamp=True)
-    return torch.cat([_torch_fp16_bytes(d), _torch_fp16_bytes(m), _torch_pack_nibbles(q)], dim=1)
-
-
-def _q5_1_torch(x: torch.Tensor) -> torch.Tensor:
-    d, m, q = _torch_affine(x, 31, clamp=False)
-    return torch.cat(
-        [_torch_fp16_bytes(d), _torch_fp16_bytes(m), _torch_pack_qh(q), _torch_pack_nibbles(q, 0x0F)], dim=1
-    )
 
 
 # =========================================================================== numba kernels
@@ -507,68 +370,53 @@ else:  # pragma: no cover - numba missing
 
 
 # =========================================================================== types
+#
+# quantize_blocks: float32 (n, 32) on any device -> uint8 (n, type_size) on
+# the same device, ggml's bytes.
 
 
 class Q8_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q8_0_reference(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
-        return _q8_0_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d = blocks.abs().amax(dim=1) / _f32_const(127.0, blocks)  # a max is exact in any order (finite input)
+        id_ = _inverse(d)
+        q = _cvtt_i32(_roundf(blocks * id_[:, None]))
+        return torch.cat([_fp16_bytes(d), (q & 0xFF).to(torch.uint8)], dim=1)
 
     fast_kernel = staticmethod(_q8_0_kernel) if _q8_0_kernel is not None else None
 
 
 class Q4_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q4_0_reference(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
-        return _q4_0_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, q = _symmetric(blocks, 8)
+        return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1)
 
     fast_kernel = staticmethod(_q4_0_kernel) if _q4_0_kernel is not None else None
 
 
 class Q4_1(GgufPyDequantize, qtype=GGMLQuantizationType.Q4_1):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q4_1_reference(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
-        return _q4_1_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, m, q = _affine(blocks, 15, clamp=True)
+        return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _pack_nibbles(q)], dim=1)
 
     fast_kernel = staticmethod(_q4_1_kernel) if _q4_1_kernel is not None else None
 
 
 class Q5_0(GgufPyDequantize, qtype=GGMLQuantizationType.Q5_0):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q5_0_reference(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
-        return _q5_0_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, q = _symmetric(blocks, 16)
+        return torch.cat([_fp16_bytes(d), _pack_qh(q), _pack_nibbles(q, 0x0F)], dim=1)
 
     fast_kernel = staticmethod(_q5_0_kernel) if _q5_0_kernel is not None else None
 
 
 class Q5_1(GgufPyDequantize, qtype=GGMLQuantizationType.Q5_1):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return _q5_1_reference(blocks)
-
-    @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 32) on any device -> uint8 (n, type_size) on the same device, ggml's bytes."""
-        return _q5_1_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, m, q = _affine(blocks, 31, clamp=False)
+        return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _pack_qh(q), _pack_nibbles(q, 0x0F)], dim=1)
 
     fast_kernel = staticmethod(_q5_1_kernel) if _q5_1_kernel is not None else None

@@ -26,10 +26,10 @@ If ``d`` is a float32 subnormal below 2**-128, ``1/d`` overflows to inf, every `
 +-inf or NaN and glibc's ``lroundf`` returns LONG_MIN for them, whose low 32
 bits plus one are 1: every trit is 1, exactly what ``id = 0`` gives.
 
-Reference: gguf-py's numpy code, byte-exact with ggml (tested against it,
-including subnormal blocks -- where gguf-py matches only because numpy casts
-its NaN trits to int8 0 on x86, as ggml's LONG_MIN happens to give; the torch
-port below selects that case explicitly).
+Two implementations: the reference ``quantize_blocks`` (a port of ggml's
+loops to eager torch, vectorized across blocks, byte-identical on the CPU and
+on a CUDA GPU; it selects the subnormal case explicitly) and the numba fast
+kernels (CPU).  Dequantization goes through gguf-py.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import _jit
-from ._jit import F32
-from ._jit import fp16_bits
-from .gguf_py import GgufPyQuantize
-from .legacy import _torch_fp16_bytes, _torch_inverse, _torch_roundf
+from ._jit import F32, fp16_bits
+from .float import _fp16_bytes
+from .gguf_py import GgufPyDequantize
+from .legacy import _inverse, _roundf
 
 _ZERO = F32(0.0)
 _HALF = F32(0.5)
@@ -51,15 +51,17 @@ _INF = F32(np.inf)
 _ABS_MASK = np.int32(0x7FFFFFFF)
 
 
-# torch reference: a port of ggml's quantize_row_tq{1,2}_0_ref, vectorized
-# across blocks, in eager torch on any device (see legacy.py for the rules
-# that keep it byte-identical on CPU and CUDA).
+# =========================================================================== reference (torch)
+#
+# A port of ggml's quantize_row_tq{1,2}_0_ref, vectorized across blocks, in
+# eager torch on any device (see legacy.py for the rules that keep it
+# byte-identical on CPU and CUDA).
 
 
-def _torch_trits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _trits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 256) float32 -> d (n,) and the trits ``lroundf(x*id) + 1`` (n, 256) int32."""
     d = x.abs().amax(dim=1)  # ggml's MAX(amax, fabsf(v)) from 0: a max is exact in any order (finite input)
-    id_ = _torch_inverse(d)
+    id_ = _inverse(d)
     v = x * id_[:, None]
     # Finite v lies within [-1, 1] (to float32 rounding).  If d is a subnormal
     # below 2**-128, id is inf and v is +-inf or NaN (0*inf): glibc's lroundf
@@ -67,11 +69,11 @@ def _torch_trits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # trit is 1.  Selected here, so that no NaN or inf reaches a cast (whose
     # result differs between CPU and CUDA).
     finite = torch.isfinite(v)
-    r = _torch_roundf(torch.where(finite, v, 0.0)).to(torch.int32)
+    r = _roundf(torch.where(finite, v, 0.0)).to(torch.int32)
     return d, torch.where(finite, r, 0) + 1
 
 
-def _torch_base3(t: torch.Tensor, n_trits: int, width: int) -> torch.Tensor:
+def _base3(t: torch.Tensor, n_trits: int, width: int) -> torch.Tensor:
     """(n, n_trits*width) trits -> (n, width): ``q = q*3 + t`` over trits m + width*k, k = 0..n_trits-1."""
     groups = t.reshape(t.shape[0], n_trits, width)
     q = torch.zeros_like(groups[:, 0])
@@ -80,30 +82,12 @@ def _torch_base3(t: torch.Tensor, n_trits: int, width: int) -> torch.Tensor:
     return q
 
 
-def _tq1_0_torch(x: torch.Tensor) -> torch.Tensor:
-    d, t = _torch_trits(x)
-    q = torch.cat(
-        [
-            _torch_base3(t[:, :160], 5, 32),  # qs[0:32]
-            _torch_base3(t[:, 160:240], 5, 16),  # qs[32:48]
-            _torch_base3(t[:, 240:], 4, 4) * 3,  # qh[0:4]: a fifth trit 0
-        ],
-        dim=1,
-    )
-    qs = torch.div(q * 256 + (243 - 1), 243, rounding_mode="floor")  # ceil(q * 256 / 243), 0..255
-    return torch.cat([qs.to(torch.uint8), _torch_fp16_bytes(d)], dim=1)
+# =========================================================================== numba kernels
+#
+# As for the legacy types (see legacy.py), loops take their bounds from the
+# array shape so that LLVM vectorizes rather than fully unrolls them, and the
+# arrays are indexed, never sliced, in the block loop.
 
-
-def _tq2_0_torch(x: torch.Tensor) -> torch.Tensor:
-    d, t = _torch_trits(x)
-    t = (t & 3).reshape(-1, 2, 4, 32)  # [block, 128-value half c, n, m] = value 128c + 32n + m
-    qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
-    return torch.cat([qs.reshape(-1, 64).to(torch.uint8), _torch_fp16_bytes(d)], dim=1)
-
-
-# numba kernels: as for the legacy types (see legacy.py), loops take their
-# bounds from the array shape so that LLVM vectorizes rather than fully
-# unrolls them, and the arrays are indexed, never sliced, in the block loop.
 if _jit.AVAILABLE:
     from ._jit import bits_f32, f32_bits
 
@@ -177,19 +161,36 @@ else:  # pragma: no cover - numba missing
     _tq1_0_kernel = _tq2_0_kernel = None
 
 
-class TQ1_0(GgufPyQuantize, qtype=GGMLQuantizationType.TQ1_0):
+# =========================================================================== types
+#
+# quantize_blocks: float32 (n, 256) on any device -> uint8 (n, type_size) on
+# the same device, ggml's bytes.
+
+
+class TQ1_0(GgufPyDequantize, qtype=GGMLQuantizationType.TQ1_0):
     @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 256) on any device -> uint8 (n, 54) on the same device, ggml's bytes."""
-        return _tq1_0_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, t = _trits(blocks)
+        q = torch.cat(
+            [
+                _base3(t[:, :160], 5, 32),  # qs[0:32]
+                _base3(t[:, 160:240], 5, 16),  # qs[32:48]
+                _base3(t[:, 240:], 4, 4) * 3,  # qh[0:4]: a fifth trit 0
+            ],
+            dim=1,
+        )
+        qs = torch.div(q * 256 + (243 - 1), 243, rounding_mode="floor")  # ceil(q * 256 / 243), 0..255
+        return torch.cat([qs.to(torch.uint8), _fp16_bytes(d)], dim=1)
 
     fast_kernel = staticmethod(_tq1_0_kernel) if _tq1_0_kernel is not None else None
 
 
-class TQ2_0(GgufPyQuantize, qtype=GGMLQuantizationType.TQ2_0):
+class TQ2_0(GgufPyDequantize, qtype=GGMLQuantizationType.TQ2_0):
     @classmethod
-    def quantize_blocks_torch(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n, 256) on any device -> uint8 (n, 66) on the same device, ggml's bytes."""
-        return _tq2_0_torch(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, t = _trits(blocks)
+        t = (t & 3).reshape(-1, 2, 4, 32)  # [block, 128-value half c, n, m] = value 128c + 32n + m
+        qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
+        return torch.cat([qs.reshape(-1, 64).to(torch.uint8), _fp16_bytes(d)], dim=1)
 
     fast_kernel = staticmethod(_tq2_0_kernel) if _tq2_0_kernel is not None else None

@@ -159,3 +159,19 @@ def test_missing_numba_falls_back_to_reference_with_one_notice(monkeypatch: pyte
     assert np.array_equal(first, quants.quantize(x, fast_types[0], backend="reference"))
     with pytest.raises(errors.NotSupportedYetError, match="need numba"):
         quants.quantize(x, fast_types[0], backend="fast")
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(errors.UnsupportedQuantTypeError, match=r"device='cuda' was asked for, but this torch .* sees no CUDA GPU"):
+        quants.quantize(np.zeros((1, 32), np.float32), "q8_0", device="cuda")
+
+
+def test_fast_backend_refuses_a_gpu_device() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    with pytest.raises(errors.UnsupportedQuantTypeError, match="run on the CPU only"):
+        quants.quantize(np.zeros((1, 32), np.float32), "q8_0", device="cuda", backend="fast")

@@ -21,7 +21,7 @@ FLOATS = [T.F32, T.F16, T.BF16]
 
 def backends(qtype: T) -> list[str]:
     has_fast = quants.quant_type(qtype).fast_kernel is not None and _jit.AVAILABLE
-    return (["reference", "fast"] if has_fast else ["reference"]) + ["torch"]
+    return ["reference", "fast"] if has_fast else ["reference"]
 
 
 def both_backends(x: np.ndarray, qtype: T) -> np.ndarray:
@@ -95,30 +95,30 @@ def _edge_values() -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
-def test_torch_non_finite_values_match_ggml(qtype: T) -> None:
-    # quantize() rejects NaN and inf, but the torch kernels are written to give
+def test_reference_non_finite_values_match_ggml(qtype: T) -> None:
+    # quantize() rejects NaN and inf, but the reference is written to give
     # ggml's bytes for them too: F16 NaN -> sign | 0x7E00, BF16 NaN truncated and quieted.
     x = _edge_values()
-    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x[:, None])).numpy()
+    ours = quants.quant_type(qtype).quantize_blocks(torch.from_numpy(x[:, None])).numpy()
     np.testing.assert_array_equal(ours.reshape(-1), ggml.quantize(x[None], qtype).reshape(-1))
 
 
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
-def test_torch_stays_on_the_input_device(qtype: T) -> None:
+def test_reference_stays_on_the_input_device(qtype: T) -> None:
     # On the meta device any tensor made without device= (a CPU constant
     # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
     cls = quants.quant_type(qtype)
-    out = cls.quantize_blocks_torch(torch.empty(3, cls.block_size, device="meta"))
+    out = cls.quantize_blocks(torch.empty(3, cls.block_size, device="meta"))
     assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
 
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
-    "and byte-for-byte on CUDA where a GPU exists",
+    reason="no CUDA GPU on this machine: the torch reference is checked on the CPU here "
+    "and byte for byte on CUDA where a GPU exists",
 )
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
-def test_torch_on_cuda_matches_ggml(qtype: T) -> None:
+def test_reference_on_cuda_matches_ggml(qtype: T) -> None:
     x = _edge_values()
-    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x[:, None]).cuda()).cpu().numpy()
+    ours = quants.quant_type(qtype).quantize_blocks(torch.from_numpy(x[:, None]).cuda()).cpu().numpy()
     np.testing.assert_array_equal(ours.reshape(-1), ggml.quantize(x[None], qtype).reshape(-1))

@@ -72,5 +72,4 @@ def test_cuda_tensor_is_quantized_on_its_device_with_the_same_bytes() -> None:
     x = _weights(16, 256)
     cuda = torch.from_numpy(x).cuda()
     for name in quants.quantizable_type_names():
-        if hasattr(quants.quant_type(name), "quantize_blocks_torch"):
-            assert np.array_equal(quants.quantize(cuda, name), quants.quantize(x, name)), name
+        assert np.array_equal(quants.quantize(cuda, name), quants.quantize(x, name)), name

@@ -24,7 +24,7 @@ except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
 NL, XS = GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS
-BACKENDS = ["reference", "fast", "torch"] if _jit.AVAILABLE else ["reference", "torch"]
+BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
 
 
 def ours_and_ggml(x: np.ndarray, qtype: GGMLQuantizationType) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -71,23 +71,21 @@ def test_best_index_ties_at_midpoints_go_up() -> None:
     """Guards the midpoint-count form of best_index: exact midpoints, one ulp either side, ends."""
     x = probe_values()
     expected = np.array([ggml_best_index(v) for v in x])
-    np.testing.assert_array_equal(iq4._best_index(x), expected)
+    _, mid, _ = iq4._grid(torch.device("cpu"))
+    np.testing.assert_array_equal(iq4._best_index(torch.from_numpy(x), mid).numpy(), expected)
     # a value exactly on a midpoint takes the upper grid point
-    np.testing.assert_array_equal(iq4._best_index(iq4._MID), np.arange(1, 16))
+    np.testing.assert_array_equal(iq4._best_index(torch.from_numpy(iq4._MID), mid).numpy(), np.arange(1, 16))
     if _jit.AVAILABLE:
         np.testing.assert_array_equal([iq4._nb_best_index(v) for v in x], expected)
-    _, mid, _ = iq4._torch_grid(torch.device("cpu"))
-    np.testing.assert_array_equal(iq4._torch_best_index(torch.from_numpy(x), mid).numpy(), expected)
 
 
 def test_best_index_nan_is_top_index() -> None:
     """ggml's binary search never moves `hi` for NaN and ends at index 15."""
     nan = np.array([np.nan], np.float32)
-    assert iq4._best_index(nan)[0] == 15
+    _, mid, _ = iq4._grid(torch.device("cpu"))
+    assert iq4._best_index(torch.from_numpy(nan), mid)[0] == 15
     if _jit.AVAILABLE:
         assert iq4._nb_best_index(nan[0]) == 15
-    _, mid, _ = iq4._torch_grid(torch.device("cpu"))
-    assert iq4._torch_best_index(torch.from_numpy(nan), mid)[0] == 15
 
 
 def test_blocks_on_the_grid_and_midpoints_match_ggml() -> None:
@@ -167,22 +165,22 @@ def test_full_range_float32_bits(qtype: GGMLQuantizationType) -> None:
     ours_and_ggml(x, qtype)
 
 
-def test_torch_nan_follows_x86() -> None:
-    """CUDA's NaN (0x7FFFFFFF) is not x86's (0xFFC00000): the torch helpers give x86's
+def test_reference_nan_follows_x86() -> None:
+    """CUDA's NaN (0x7FFFFFFF) is not x86's (0xFFC00000): the reference's helpers give x86's
     results for either bit pattern (nearest_int 0, fp16 0xFE00)."""
     nans = torch.tensor([0xFFC00000 - 2**32, 0x7FFFFFFF, 0x7FC00000], dtype=torch.int64).to(torch.int32)
     v = nans.view(torch.float32)
-    assert iq4._torch_nearest_int(v).tolist() == [0, 0, 0]
-    assert iq4._torch_fp16_bytes(v).tolist() == [[0x00, 0xFE]] * 3
+    assert iq4._nearest_int(v).tolist() == [0, 0, 0]
+    assert iq4._fp16_bytes(v).tolist() == [[0x00, 0xFE]] * 3
 
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here and byte-for-byte on CUDA "
-    "where a GPU exists",
+    reason="no CUDA GPU on this machine: the reference kernels are checked on CPU here and byte-for-byte on "
+    "CUDA where a GPU exists",
 )
 @pytest.mark.parametrize("qtype", [NL, XS], ids=lambda t: t.name)
-def test_torch_on_cuda_matches_ggml(qtype: GGMLQuantizationType) -> None:
+def test_reference_on_cuda_matches_ggml(qtype: GGMLQuantizationType) -> None:
     """Mixed edge-case blocks, full-range float32 bits and overflowing weights, quantized on the GPU."""
     cls = quants.quant_type(qtype)
     rng = np.random.default_rng(int(qtype))
@@ -193,5 +191,5 @@ def test_torch_on_cuda_matches_ggml(qtype: GGMLQuantizationType) -> None:
     overflow[0, 0], overflow[0, 1], overflow[0, 40:64] = 1e30, -1e20, 2.5
     for x in (mixed, bits, overflow):
         blocks = np.ascontiguousarray(x, np.float32).reshape(-1, cls.block_size)
-        ours = cls.quantize_blocks_torch(torch.from_numpy(blocks).cuda()).cpu().numpy()
+        ours = cls.quantize_blocks(torch.from_numpy(blocks).cuda()).cpu().numpy()
         np.testing.assert_array_equal(ours, ggml.quantize(blocks, qtype))

@@ -32,13 +32,8 @@ READABLE = [GGMLQuantizationType[n] for n in quants.supported_type_names()]
 
 def backends(qtype: GGMLQuantizationType) -> list[str]:
     """'reference' always; 'fast' too where the type has a numba kernel and numba loads."""
-    cls = quants.quant_type(qtype)
-    names = ["reference"]
-    if cls.fast_kernel is not None and _jit.AVAILABLE:
-        names.append("fast")
-    if hasattr(cls, "quantize_blocks_torch"):
-        names.append("torch")
-    return names
+    has_fast = quants.quant_type(qtype).fast_kernel is not None and _jit.AVAILABLE
+    return ["reference", "fast"] if has_fast else ["reference"]
 
 
 def assert_same_bytes(ours: np.ndarray, theirs: np.ndarray, qtype: GGMLQuantizationType) -> None:

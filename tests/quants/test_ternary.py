@@ -18,11 +18,11 @@ try:
 except ggml.GGMLUnavailableError as exc:  # pragma: no cover
     pytest.skip(f"ggml oracle unavailable: {exc}", allow_module_level=True)
 
-BACKENDS = (["reference", "fast"] if _jit.AVAILABLE else ["reference"]) + ["torch"]
+BACKENDS = ["reference", "fast"] if _jit.AVAILABLE else ["reference"]
 
 
 def both_backends(x: np.ndarray, qtype: T) -> np.ndarray:
-    """ggml's bytes for x, after checking that every backend (numpy, numba, torch) gives exactly them."""
+    """ggml's bytes for x, after checking that every backend (torch reference, numba) gives exactly them."""
     x = np.asarray(x, np.float32).reshape(-1, 256)
     expected = ggml.quantize(x, qtype)
     for backend in BACKENDS:
@@ -131,21 +131,21 @@ def _edge_blocks() -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
-def test_torch_stays_on_the_input_device(qtype: T) -> None:
+def test_reference_stays_on_the_input_device(qtype: T) -> None:
     # On the meta device any tensor made without device= (a CPU constant
     # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
     cls = quants.quant_type(qtype)
-    out = cls.quantize_blocks_torch(torch.empty(3, cls.block_size, device="meta"))
+    out = cls.quantize_blocks(torch.empty(3, cls.block_size, device="meta"))
     assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
 
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch kernels are checked on CPU here "
-    "and byte-for-byte on CUDA where a GPU exists",
+    reason="no CUDA GPU on this machine: the torch reference is checked on the CPU here "
+    "and byte for byte on CUDA where a GPU exists",
 )
 @pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
-def test_torch_on_cuda_matches_ggml(qtype: T) -> None:
+def test_reference_on_cuda_matches_ggml(qtype: T) -> None:
     x = _edge_blocks()
-    ours = quants.quant_type(qtype).quantize_blocks_torch(torch.from_numpy(x).cuda()).cpu().numpy()
+    ours = quants.quant_type(qtype).quantize_blocks(torch.from_numpy(x).cuda()).cpu().numpy()
     np.testing.assert_array_equal(ours, ggml.quantize(x, qtype).reshape(ours.shape))
