@@ -19,6 +19,7 @@ from gguf's ``GGML_QUANT_SIZES`` only.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,10 +43,10 @@ if TYPE_CHECKING:
 QTypeLike = Union[GGMLQuantizationType, str]
 Backend = Literal["auto", "fast", "reference"]
 
-#: Values per work chunk.  1 MiB of float32: big enough to amortise the
+#: Values per work chunk.  4 MiB of float32: big enough to amortise the
 #: per-chunk Python overhead, small enough to stay in cache and to keep the
 #: temporaries of the reference kernels small whatever the tensor size.
-CHUNK_VALUES = 1 << 18
+CHUNK_VALUES = 1 << 20
 #: Values per chunk for the reference kernels on a GPU (16 MiB of float32).
 GPU_CHUNK_VALUES = 1 << 22
 
@@ -364,6 +365,21 @@ def _map_chunks(
     bounds = [(lo, min(lo + per_chunk, n_blocks)) for lo in range(0, n_blocks, per_chunk)]
     if n_threads == 1 or len(bounds) <= 1:
         return [fn(lo, hi) for lo, hi in bounds]
-    if n_threads not in _executors:
-        _executors[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="llmdeploy-quant")
-    return list(_executors[n_threads].map(lambda b: fn(*b), bounds))
+    # The calling thread works too, beside n_threads - 1 pool threads; each
+    # takes the next chunk as it finishes one (``next`` on a count is atomic).
+    next_chunk = itertools.count()
+
+    def drain() -> list[tuple[int, bool]]:
+        done = []
+        while (i := next(next_chunk)) < len(bounds):
+            done.append((i, fn(*bounds[i])))
+        return done
+
+    helpers = min(n_threads, len(bounds)) - 1
+    if helpers not in _executors:
+        _executors[helpers] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="llmdeploy-quant")
+    futures = [_executors[helpers].submit(drain) for _ in range(helpers)]
+    results = drain()
+    for future in futures:
+        results.extend(future.result())
+    return [ok for _, ok in sorted(results)]

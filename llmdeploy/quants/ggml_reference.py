@@ -83,9 +83,14 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType, *, threads: int = 1) ->
     if threads <= 1 or rows.shape[0] < 2:
         run(0, rows.shape[0])
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda b: run(*b), zip(bounds[:-1], bounds[1:])))
+        list(_pool(threads).map(lambda b: run(*b), zip(bounds[:-1], bounds[1:])))
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A persistent pool per thread count, so benchmarks do not time thread start-up."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="ggml-reference")
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
