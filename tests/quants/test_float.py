@@ -10,6 +10,8 @@ from gguf import GGMLQuantizationType as T
 from llmdeploy import quants
 from llmdeploy.quants import _jit
 
+from .gpu import requires_cuda
+
 ggml = pytest.importorskip("llmdeploy.quants.ggml_reference")
 try:
     ggml.library()
@@ -103,20 +105,7 @@ def test_reference_non_finite_values_match_ggml(qtype: T) -> None:
     np.testing.assert_array_equal(ours.reshape(-1), ggml.quantize(x[None], qtype).reshape(-1))
 
 
-@pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
-def test_reference_stays_on_the_input_device(qtype: T) -> None:
-    # On the meta device any tensor made without device= (a CPU constant
-    # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
-    cls = quants.quant_type(qtype)
-    out = cls.quantize_blocks(torch.empty(3, cls.block_size, device="meta"))
-    assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
-
-
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch reference is checked on the CPU here "
-    "and byte for byte on CUDA where a GPU exists",
-)
+@requires_cuda
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
 def test_reference_on_cuda_matches_ggml(qtype: T) -> None:
     x = _edge_values()

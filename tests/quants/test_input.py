@@ -11,6 +11,8 @@ import torch
 from llmdeploy import errors, quants
 from llmdeploy.quants import _input, base
 
+from .gpu import requires_cuda
+
 
 def _weights(n_rows: int, n_cols: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n_rows, n_cols), dtype=np.float32)
@@ -67,7 +69,7 @@ def test_memory_beyond_output_is_bounded_by_chunks_not_by_the_tensor(source_dtyp
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB (input {x.nbytes / 2**20:.0f} MiB)"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@requires_cuda
 def test_cuda_tensor_is_quantized_on_its_device_with_the_same_bytes() -> None:
     x = _weights(16, 256)
     cuda = torch.from_numpy(x).cuda()

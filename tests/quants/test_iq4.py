@@ -16,6 +16,7 @@ from llmdeploy import quants
 from llmdeploy.quants import _jit, iq4
 
 from .cases import mixed_blocks
+from .gpu import requires_cuda
 
 ggml = pytest.importorskip("llmdeploy.quants.ggml_reference")
 try:
@@ -174,11 +175,7 @@ def test_reference_nan_follows_x86() -> None:
     assert iq4._fp16_bytes(v).tolist() == [[0x00, 0xFE]] * 3
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the reference kernels are checked on CPU here and byte-for-byte on "
-    "CUDA where a GPU exists",
-)
+@requires_cuda
 @pytest.mark.parametrize("qtype", [NL, XS], ids=lambda t: t.name)
 def test_reference_on_cuda_matches_ggml(qtype: GGMLQuantizationType) -> None:
     """Mixed edge-case blocks, full-range float32 bits and overflowing weights, quantized on the GPU."""

@@ -16,6 +16,8 @@ from gguf import GGMLQuantizationType
 from llmdeploy import quants
 from llmdeploy.quants import _jit, k_affine
 
+from .gpu import requires_cuda
+
 ggml = pytest.importorskip("llmdeploy.quants.ggml_reference")
 try:
     ggml.library()
@@ -157,11 +159,7 @@ def test_fast_kernel_batch_boundaries(qtype: GGMLQuantizationType) -> None:
         np.testing.assert_array_equal(out, theirs[:n], err_msg=f"{n} blocks")
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch reference is checked on CPU here and byte-for-byte on CUDA "
-    "where a GPU exists",
-)
+@requires_cuda
 @type_params
 def test_torch_on_cuda_equals_ggml(qtype: GGMLQuantizationType) -> None:
     # The mixed blocks plus the float32-overflowing ones, whose nan levels are

@@ -18,6 +18,7 @@ from llmdeploy.quants import _jit
 from llmdeploy.quants import k_symmetric as ks
 
 from .cases import mixed_blocks, tiny_and_huge_rows
+from .gpu import requires_cuda
 
 ggml = pytest.importorskip("llmdeploy.quants.ggml_reference")
 try:
@@ -244,11 +245,7 @@ def test_sub_block_fit_matches_ggml_where_its_scale_rounds_to_zero(qtype: T) -> 
         "cpu",
         pytest.param(
             "cuda",
-            marks=pytest.mark.skipif(
-                not torch.cuda.is_available(),
-                reason="no CUDA GPU on this machine: the torch reference is checked on the CPU here "
-                "and byte-for-byte on CUDA where a GPU exists",
-            ),
+            marks=requires_cuda,
         ),
     ],
 )

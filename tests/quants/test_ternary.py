@@ -11,6 +11,7 @@ from llmdeploy import quants
 from llmdeploy.quants import _jit
 
 from .cases import mixed_blocks
+from .gpu import requires_cuda
 
 ggml = pytest.importorskip("llmdeploy.quants.ggml_reference")
 try:
@@ -130,20 +131,7 @@ def _edge_blocks() -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
-def test_reference_stays_on_the_input_device(qtype: T) -> None:
-    # On the meta device any tensor made without device= (a CPU constant
-    # wider than 0-d) fails: the same kernel then runs unchanged on CUDA.
-    cls = quants.quant_type(qtype)
-    out = cls.quantize_blocks(torch.empty(3, cls.block_size, device="meta"))
-    assert out.device.type == "meta" and out.dtype == torch.uint8 and tuple(out.shape) == (3, cls.type_size)
-
-
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU on this machine: the torch reference is checked on the CPU here "
-    "and byte for byte on CUDA where a GPU exists",
-)
+@requires_cuda
 @pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
 def test_reference_on_cuda_matches_ggml(qtype: T) -> None:
     x = _edge_blocks()
