@@ -1,0 +1,133 @@
+"""Tiny real-architecture HF model folders and real tokenizers, built offline and cached.
+
+``tokenizer_folder(name)``: an HF tokenizer folder.
+  - ``"tiny-spm"``: a SentencePiece model trained here on a few kB of text (vocab 512),
+    saved with ``tokenizer.model`` (the SPM path of every converter), tiny embeddings.
+  - any ``ggml-vocab-<name>.gguf`` of the llama.cpp sources (``"llama-bpe"``, ``"llama-spm"``,
+    ``"qwen2"``, ``"phi-3"``, ``"gpt-2"``, ``"gemma-4"`` ...): the real tokenizer, rebuilt by
+    transformers from llama.cpp's vocab-only GGUF (``AutoTokenizer.from_pretrained(gguf_file=)``).
+
+``model_folder(arch, tokenizer=..., **overrides)``: a randomly initialised model of one of
+the supported architectures, saved in bf16 safetensors with its tokenizer. Small by
+default (hidden 256, so K-quant rows of 256 divide); ``overrides`` change the config.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from .llamacpp import _key, build_once, cache_dir, source_dir
+
+# A few kB of varied text to train the tiny SentencePiece model on.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!
+def main(argv):\n    return sum(int(a) for a in argv[1:])  # 12345 67890
+Ünïcödé tëxt, emoji 🙂 and CJK 漢字かなカナ; tabs\tand  double  spaces.
+<start_of_turn>user\nHello there!<end_of_turn>\n<start_of_turn>model\nHi! How can I help?<end_of_turn>
+Numbers: 3.14159, 2.71828, 1e-5, 0xDEADBEEF, 1,000,000. Dates: 2026-11-28.
+""" * 20
+
+
+def tokenizer_folder(name: str = "tiny-spm") -> pathlib.Path:
+    """An HF tokenizer folder (see the module docstring), cached."""
+    import transformers
+
+    path = cache_dir() / "tokenizers" / f"{name}-{_key(transformers.__version__)}"
+
+    def build(target: pathlib.Path) -> None:
+        target.mkdir(parents=True)
+        if name == "tiny-spm":
+            _train_tiny_spm(target)
+        else:
+            from transformers import AutoTokenizer
+
+            vocab = source_dir() / "models"
+            tok = AutoTokenizer.from_pretrained(str(vocab), gguf_file=f"ggml-vocab-{name}.gguf")
+            tok.save_pretrained(str(target))
+
+    return build_once(path, build)
+
+
+def _train_tiny_spm(target: pathlib.Path) -> None:
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    corpus = target / "corpus.txt"
+    corpus.write_text(_CORPUS, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(target / "spm"), vocab_size=512, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
+    )  # fmt: skip
+    tok = LlamaTokenizer(vocab_file=str(target / "spm.model"), legacy=False)
+    tok.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    tok.save_pretrained(str(target))
+    # transformers 5 saves only tokenizer.json; converters' SPM paths read tokenizer.model.
+    (target / "spm.model").rename(target / "tokenizer.model")
+    for f in ("corpus.txt", "spm.vocab"):
+        (target / f).unlink()
+
+
+def _config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> Any:
+    import transformers as t
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    per_arch: dict[str, tuple[type, dict[str, Any]]] = {
+        "LlamaForCausalLM": (t.LlamaConfig, {}),
+        "MistralForCausalLM": (t.MistralConfig, {"sliding_window": None}),
+        "Qwen2ForCausalLM": (t.Qwen2Config, {"tie_word_embeddings": True}),
+        "Qwen3ForCausalLM": (t.Qwen3Config, {"head_dim": 64, "tie_word_embeddings": True}),
+        "GemmaForCausalLM": (t.GemmaConfig, {"head_dim": 64, "tie_word_embeddings": True}),
+        "Gemma2ForCausalLM": (t.Gemma2Config, {"head_dim": 64, "tie_word_embeddings": True, "sliding_window": 128}),
+        "Gemma3ForCausalLM": (t.Gemma3TextConfig, {"head_dim": 64, "tie_word_embeddings": True, "sliding_window": 128}),
+        "Phi3ForCausalLM": (t.Phi3Config, {}),
+        "Qwen3MoeForCausalLM": (
+            t.Qwen3MoeConfig,
+            {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+             "decoder_sparse_step": 1, "mlp_only_layers": []},
+        ),
+        "MixtralForCausalLM": (t.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    }  # fmt: skip
+    config_cls, extra = per_arch[arch]
+    return config_cls(**{**common, **extra, **overrides}, architectures=[arch])
+
+
+def model_folder(arch: str, *, tokenizer: str = "tiny-spm", seed: int = 0, **overrides: Any) -> pathlib.Path:
+    """A random ``arch`` model (bf16 safetensors) with ``tokenizer``'s files, cached."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = _key(arch, tokenizer, seed, sorted(overrides.items()), transformers.__version__, torch.__version__)
+    path = cache_dir() / "models" / f"{arch}-{tokenizer}-{key}"
+
+    def build(target: pathlib.Path) -> None:
+        tok_dir = tokenizer_folder(tokenizer)
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        config = _config(arch, len(tok), tok, overrides)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        with torch.no_grad():  # random weights, larger than the init's, so layers matter in the logits
+            for p in model.parameters():
+                p.normal_(0.0, 0.05 if p.ndim > 1 else 0.2)
+        model.to(torch.bfloat16).save_pretrained(str(target))
+        tok.save_pretrained(str(target))
+        if (tok_dir / "tokenizer.model").exists():
+            (target / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
+
+    return build_once(path, build)
+
+
+ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+)  # fmt: skip
