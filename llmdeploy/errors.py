@@ -31,3 +31,23 @@ class InputDTypeError(LLMDeployError, TypeError):
 
 class NotSupportedYetError(LLMDeployError, NotImplementedError):
     """An option that is accepted by the signature but not implemented for this case."""
+
+
+class MissingFileError(LLMDeployError, FileNotFoundError):
+    """A file the export needs (config.json, tokenizer files, weights) is missing."""
+
+
+class UnsupportedArchitectureError(LLMDeployError, ValueError):
+    """A model architecture llmdeploy cannot export (the message lists the supported ones)."""
+
+
+class QuantizedCheckpointError(LLMDeployError, ValueError):
+    """A checkpoint that still holds quantized (e.g. bitsandbytes) tensors."""
+
+
+class UnexpectedTensorError(LLMDeployError, ValueError):
+    """A tensor the architecture does not expect; never silently dropped."""
+
+
+class OutputExistsError(LLMDeployError, FileExistsError):
+    """The output file or folder exists and overwrite=True was not given."""
