@@ -236,6 +236,10 @@ def test_sub_block_fit_matches_ggml_where_its_scale_rounds_to_zero(qtype: T) -> 
         refined = (stored != first_guess).any(axis=1) & (np.abs(vmax) >= ks.GROUP_MAX_EPS)
         assert refined.sum() > 20
         np.testing.assert_array_equal(scale[~refined].view(np.int32), fit[~refined].view(np.int32))
+        # Where it refined, ggml's running sums were updated term by term, so they
+        # differ from a fresh recomputation by float32 rounding (a few ulps,
+        # seen up to 1.4e-7 relative); the bytes themselves are checked exactly
+        # by the oracle tests.
         np.testing.assert_allclose(scale[refined], fit[refined], rtol=1e-6)
 
 
