@@ -51,3 +51,11 @@ class UnexpectedTensorError(LLMDeployError, ValueError):
 
 class OutputExistsError(LLMDeployError, FileExistsError):
     """The output file or folder exists and overwrite=True was not given."""
+
+
+class GGUFWriteError(LLMDeployError, ValueError):
+    """Metadata or tensor data that does not match what was declared to the GGUF writer."""
+
+
+class UnsupportedTokenizerError(LLMDeployError, ValueError):
+    """A tokenizer llama.cpp's converter cannot export (e.g. a BPE pre-tokenizer llama.cpp does not know)."""
