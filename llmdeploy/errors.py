@@ -59,3 +59,7 @@ class GGUFWriteError(LLMDeployError, ValueError):
 
 class UnsupportedTokenizerError(LLMDeployError, ValueError):
     """A tokenizer llama.cpp's converter cannot export (e.g. a BPE pre-tokenizer llama.cpp does not know)."""
+
+
+class InvalidOptionError(LLMDeployError, ValueError):
+    """An option value that cannot be used (the message names the option and the accepted values)."""

@@ -8,8 +8,12 @@
     transformers from llama.cpp's vocab-only GGUF (``AutoTokenizer.from_pretrained(gguf_file=)``).
 
 ``model_folder(arch, tokenizer=..., **overrides)``: a randomly initialised model of one of
-the supported architectures, saved in bf16 safetensors with its tokenizer. Small by
-default (hidden 256, so K-quant rows of 256 divide); ``overrides`` change the config.
+the supported architectures, saved in bf16 (or ``dtype``) safetensors, optionally sharded,
+with its tokenizer. Small by default (hidden 256, so K-quant rows of 256 divide); ``overrides``
+change the config.
+
+``edited_folder(base, label, edit)``: a copy of a model folder with its tensors edited (extra,
+missing or reshaped tensors for error and edge-case tests), cached.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import pathlib
 from typing import Any
 
 from .llamacpp import _key, build_once, cache_dir, source_dir
+
+# Part of every cache key: bump it when a builder changes what it builds.
+# 2: tiny-spm really holds its 512 pieces (transformers 5 built an empty tokenizer); dtype, shards.
+_BUILD = 2
 
 # A few kB of varied text to train the tiny SentencePiece model on.
 _CORPUS = """\
@@ -33,7 +41,7 @@ def tokenizer_folder(name: str = "tiny-spm") -> pathlib.Path:
     """An HF tokenizer folder (see the module docstring), cached."""
     import transformers
 
-    path = cache_dir() / "tokenizers" / f"{name}-{_key(transformers.__version__)}"
+    path = cache_dir() / "tokenizers" / f"{name}-{_key(transformers.__version__, _BUILD)}"
 
     def build(target: pathlib.Path) -> None:
         target.mkdir(parents=True)
@@ -60,14 +68,15 @@ def _train_tiny_spm(target: pathlib.Path) -> None:
         character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
     )  # fmt: skip
-    tok = LlamaTokenizer(vocab_file=str(target / "spm.model"), legacy=False)
+    # transformers 5 ignores vocab_file= (an empty tokenizer); from a folder holding only
+    # tokenizer.model it converts the SentencePiece model into a full fast tokenizer.
+    (target / "spm.model").rename(target / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(target), legacy=False, add_bos_token=True)
     tok.chat_template = (
         "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
-    tok.save_pretrained(str(target))
-    # transformers 5 saves only tokenizer.json; converters' SPM paths read tokenizer.model.
-    (target / "spm.model").rename(target / "tokenizer.model")
+    tok.save_pretrained(str(target))  # tokenizer.json + config; tokenizer.model stays for converters' SPM paths
     for f in ("corpus.txt", "spm.vocab"):
         (target / f).unlink()
 
@@ -101,13 +110,31 @@ def _config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> 
     return config_cls(**{**common, **extra, **overrides}, architectures=[arch])
 
 
-def model_folder(arch: str, *, tokenizer: str = "tiny-spm", seed: int = 0, **overrides: Any) -> pathlib.Path:
-    """A random ``arch`` model (bf16 safetensors) with ``tokenizer``'s files, cached."""
+def model_folder(
+    arch: str,
+    *,
+    tokenizer: str = "tiny-spm",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> pathlib.Path:
+    """A random ``arch`` model with ``tokenizer``'s files, cached.
+
+    Args:
+        arch: one of ``ARCHITECTURES``.
+        tokenizer: a ``tokenizer_folder`` name.
+        seed: the weights' random seed.
+        dtype: the torch dtype the safetensors hold ("bfloat16", "float16", "float32").
+        max_shard_size: ``save_pretrained``'s shard size ("100KB"): several shards and an index.
+        **overrides: config values.
+    """
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = _key(arch, tokenizer, seed, sorted(overrides.items()), transformers.__version__, torch.__version__)
+    key = _key(arch, tokenizer, seed, dtype, max_shard_size, sorted(overrides.items()), transformers.__version__,
+               torch.__version__, _BUILD)  # fmt: skip
     path = cache_dir() / "models" / f"{arch}-{tokenizer}-{key}"
 
     def build(target: pathlib.Path) -> None:
@@ -119,7 +146,8 @@ def model_folder(arch: str, *, tokenizer: str = "tiny-spm", seed: int = 0, **ove
         with torch.no_grad():  # random weights, larger than the init's, so layers matter in the logits
             for p in model.parameters():
                 p.normal_(0.0, 0.05 if p.ndim > 1 else 0.2)
-        model.to(torch.bfloat16).save_pretrained(str(target))
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.to(getattr(torch, dtype)).save_pretrained(str(target), **kwargs)
         tok.save_pretrained(str(target))
         if (tok_dir / "tokenizer.model").exists():
             (target / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
@@ -131,3 +159,23 @@ ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
 )  # fmt: skip
+
+
+def edited_folder(base: pathlib.Path, label: str, edit: Any) -> pathlib.Path:
+    """A cached copy of the single-file model folder ``base`` whose tensors went through ``edit``.
+
+    Args:
+        base: a ``model_folder`` (one ``model.safetensors``).
+        label: names the edit; part of the cache key, so one label must always mean one edit.
+        edit: ``dict[str, Tensor] -> dict[str, Tensor]``, in checkpoint order.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def build(target: pathlib.Path) -> None:
+        shutil.copytree(base, target)
+        tensors = load_file(str(base / "model.safetensors"))
+        save_file(edit(tensors), str(target / "model.safetensors"), metadata={"format": "pt"})
+
+    return build_once(base.parent / f"{base.name}-{label}", build)
