@@ -25,7 +25,7 @@ from .llamacpp import _key, build_once, cache_dir, source_dir
 
 # Part of every cache key: bump it when a builder changes what it builds.
 # 2: tiny-spm really holds its 512 pieces (transformers 5 built an empty tokenizer); dtype, shards.
-_BUILD = 2
+_BUILD = 4  # bump whenever a builder or default config changes: it keys the caches
 
 # A few kB of varied text to train the tiny SentencePiece model on.
 _CORPUS = """\
@@ -66,7 +66,8 @@ def _train_tiny_spm(target: pathlib.Path) -> None:
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(target / "spm"), vocab_size=512, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
+        # <|endoftext|>: llama.cpp requires it in any model whose general.name contains "phi3"
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "<|endoftext|>", "<|end|>"], minloglevel=2,
     )  # fmt: skip
     # transformers 5 ignores vocab_file= (an empty tokenizer); from a folder holding only
     # tokenizer.model it converts the SentencePiece model into a full fast tokenizer.
@@ -94,15 +95,25 @@ def _config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> 
         "LlamaForCausalLM": (t.LlamaConfig, {}),
         "MistralForCausalLM": (t.MistralConfig, {"sliding_window": None}),
         "Qwen2ForCausalLM": (t.Qwen2Config, {"tie_word_embeddings": True}),
-        "Qwen3ForCausalLM": (t.Qwen3Config, {"head_dim": 64, "tie_word_embeddings": True}),
+        # head_dim 128 and moe_intermediate_size 768 as in the real Qwen3 (0.6B / 30B-A3B): these
+        # are also the config defaults that transformers' GGUF loader falls back to.
+        "Qwen3ForCausalLM": (t.Qwen3Config, {"head_dim": 128, "tie_word_embeddings": True}),
         "GemmaForCausalLM": (t.GemmaConfig, {"head_dim": 64, "tie_word_embeddings": True}),
-        "Gemma2ForCausalLM": (t.Gemma2Config, {"head_dim": 64, "tie_word_embeddings": True, "sliding_window": 128}),
-        "Gemma3ForCausalLM": (t.Gemma3TextConfig, {"head_dim": 64, "tie_word_embeddings": True, "sliding_window": 128}),
+        # query_pre_attn_scalar = head_dim as in the real 2B/9B/270M models: llama.cpp scales
+        # attention by 1/sqrt(head_dim) for them (the config default 256 would differ).
+        "Gemma2ForCausalLM": (
+            t.Gemma2Config,
+            {"head_dim": 64, "query_pre_attn_scalar": 64, "tie_word_embeddings": True, "sliding_window": 128},
+        ),
+        "Gemma3ForCausalLM": (
+            t.Gemma3TextConfig,
+            {"head_dim": 64, "query_pre_attn_scalar": 64, "tie_word_embeddings": True, "sliding_window": 128},
+        ),
         "Phi3ForCausalLM": (t.Phi3Config, {}),
         "Qwen3MoeForCausalLM": (
             t.Qwen3MoeConfig,
-            {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
-             "decoder_sparse_step": 1, "mlp_only_layers": []},
+            {"head_dim": 128, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 768,
+             "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},  # as real Qwen3-MoE
         ),
         "MixtralForCausalLM": (t.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     }  # fmt: skip
