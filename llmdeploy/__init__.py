@@ -3,13 +3,12 @@
 Merged 16-bit safetensors for vLLM/SGLang/transformers, and GGUF files for
 llama.cpp/Ollama, written in one streaming pass by llmdeploy's own
 quantization kernels (byte-identical to llama.cpp's).
-
-Available now: :mod:`llmdeploy.quants` (quantize/dequantize every GGUF block type).
 """
 
 from . import errors, quants
 from .errors import LLMDeployError
+from .gguf.export import save_pretrained_gguf
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["LLMDeployError", "errors", "quants"]
+__all__ = ["LLMDeployError", "errors", "quants", "save_pretrained_gguf"]
