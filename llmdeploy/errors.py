@@ -63,3 +63,15 @@ class UnsupportedTokenizerError(LLMDeployError, ValueError):
 
 class InvalidOptionError(LLMDeployError, ValueError):
     """An option value that cannot be used (the message names the option and the accepted values)."""
+
+
+class UnsupportedAdapterError(LLMDeployError, ValueError):
+    """A PEFT adapter type or LoRA variant that cannot be merged (the message names what is supported)."""
+
+
+class AdapterShapeError(LLMDeployError, ValueError):
+    """An adapter whose tensors do not fit the base model's (the message names the first such tensor)."""
+
+
+class UnmergedAdapterError(LLMDeployError, ValueError):
+    """A LoRA module that the merge could not place onto a base tensor; never silently skipped."""

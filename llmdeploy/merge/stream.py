@@ -1,0 +1,472 @@
+"""Plan the merge of saved LoRA adapter(s) onto a base model folder, disk to disk.
+
+The base safetensors are memory-mapped shard by shard; each base tensor is read when the
+writer reaches it, merged, written, and its pages are given back (``MADV_DONTNEED``), so
+peak memory is about the largest tensor plus the adapter. Tensors no adapter touches are
+copied byte for byte (in the kernel where it can).
+
+Adapter files name PEFT modules relative to the transformers model
+(``base_model.model.<module>.lora_A.weight``); the base tensor a module's LoRA applies to is
+``<module>.weight`` in the base checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import pathlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import (
+    AdapterShapeError,
+    MissingFileError,
+    NotSupportedYetError,
+    QuantizedCheckpointError,
+    UnmergedAdapterError,
+    UnsupportedAdapterError,
+)
+from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, lora_scaling
+from .memory import check_adapter_config
+from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
+
+__all__ = ["Adapter", "BaseFolder", "adapter_from_model", "load_adapter_folder", "plan_from_folders"]
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_PREFIX = "base_model.model."
+_BNB = re.compile(r"\.(absmax|nested_absmax|quant_map|nested_quant_map|quant_state(\.[\w.]+)?|SCB|weight_format)$")
+
+
+@dataclass
+class Adapter:
+    """One LoRA adapter: its ``adapter_config.json`` and its tensors (PEFT's saved names).
+
+    Args:
+        name: the adapter's name or folder, for messages.
+        config: the adapter config as a dict.
+        tensors: the saved tensors, ``base_model.model.`` prefix included or not.
+        folder: the folder it was read from, if any.
+    """
+
+    name: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    folder: pathlib.Path | None = None
+
+
+def load_adapter_folder(folder: pathlib.Path) -> Adapter:
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``) from ``folder``."""
+    if not folder.is_dir():
+        raise MissingFileError(
+            f"{folder} is not a folder; pass a PEFT adapter folder (adapter_config.json and weights)"
+        )
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
+        hint = (
+            " (it holds config.json: it is a full model, not an adapter)" if (folder / "config.json").is_file() else ""
+        )
+        raise MissingFileError(
+            f"{cfg_file} not found{hint}: pass the folder an adapter was saved to with PeftModel.save_pretrained"
+        )
+    with open(cfg_file, encoding="utf-8") as f:
+        config = json.load(f)
+    check_adapter_config(str(folder), config)
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(st))
+    elif (folder / "adapter_model.bin").is_file():
+        tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise MissingFileError(f"no adapter weights in {folder}: expected adapter_model.safetensors")
+    return Adapter(str(folder), config, dict(tensors), folder)
+
+
+def adapter_from_model(model: Any, adapter_name: str) -> Adapter:
+    """Adapter ``adapter_name`` of an in-memory PEFT model, as it would be saved."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[adapter_name].to_dict()
+    check_adapter_config(adapter_name, config)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return Adapter(adapter_name, config, {k: v.detach() for k, v in state.items()})
+
+
+# -- the base folder -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    file: pathlib.Path
+    offset: int  # absolute, in the file
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class BaseFolder:
+    """A base model folder: config.json and safetensors shards, read lazily through memory maps."""
+
+    folder: pathlib.Path
+    config: dict[str, Any]
+    tensors: dict[str, _Stored]  # in checkpoint order
+    _maps: dict[pathlib.Path, mmap.mmap] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, folder: pathlib.Path) -> BaseFolder:
+        if not folder.is_dir():
+            raise MissingFileError(
+                f"base model folder {folder} not found; pass base= the folder of the model the adapter was trained on"
+            )
+        if not (folder / "config.json").is_file():
+            raise MissingFileError(
+                f"{folder / 'config.json'} not found; base= must be a folder saved by save_pretrained"
+            )
+        with open(folder / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+        tensors: dict[str, _Stored] = {}
+        for shard in _shards(folder):
+            header, start = _read_header(shard)
+            for name in sorted(header):
+                meta = header[name]
+                b, e = meta["data_offsets"]
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise NotSupportedYetError(
+                        f"tensor {name!r} in {shard.name} has dtype {meta['dtype']}; merging needs a base in bf16, "
+                        "fp16 or fp32"
+                    )
+                tensors[name] = _Stored(shard, start + b, e - b, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]])
+        quant = next((n for n, t in tensors.items() if _BNB.search(n) or t.dtype in (torch.uint8, torch.int8)), None)
+        if quant is not None or config.get("quantization_config"):
+            what = f"tensor {quant!r}" if quant else "its config.json (quantization_config)"
+            raise QuantizedCheckpointError(
+                f"the base folder {folder} is quantized ({what}); merging needs the original 16-bit weights. Pass "
+                "base= a folder of the unquantized model (dequantizing a 4-bit base is not supported yet)"
+            )
+        return cls(folder, config, tensors)
+
+    def load(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a view of the shard's memory map (copy-on-write; never written)."""
+        s = self.tensors[name]
+        mm = self._maps.get(s.file)
+        if mm is None:
+            with open(s.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[s.file] = mm
+        if s.nbytes == 0:
+            return torch.empty(s.shape, dtype=s.dtype)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=s.nbytes, offset=s.offset)
+        return raw.view(s.dtype).reshape(s.shape)
+
+    def release(self, name: str) -> None:
+        """Give the pages of tensor ``name`` back to the OS (they are re-read if touched again)."""
+        s = self.tensors[name]
+        mm = self._maps.get(s.file)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = s.offset - s.offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, s.offset + s.nbytes - start)
+        except (OSError, ValueError):  # pragma: no cover - an advice, never needed for correctness
+            pass
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views it; the map goes when the tensor does
+                pass
+        self._maps.clear()
+
+
+def _shards(folder: pathlib.Path) -> list[pathlib.Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing or not names:
+            raise MissingFileError(
+                f"{index} lists weight files that are not in {folder}: {missing}; copy them or save the base again"
+            )
+        return [folder / n for n in names]
+    shards = sorted(p for p in folder.glob("model*.safetensors"))
+    if not shards:
+        raise MissingFileError(
+            f"no safetensors weights in {folder}: expected model.safetensors (or shards with "
+            "model.safetensors.index.json); save the base model with save_pretrained"
+        )
+    return shards
+
+
+def _read_header(shard: pathlib.Path) -> tuple[dict[str, Any], int]:
+    with open(shard, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise MissingFileError(f"{shard} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise MissingFileError(f"{shard} is not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _model_facts(folder: pathlib.Path) -> tuple[dict[str, str], str | None, str | None]:
+    """``(tied {target: source}, input embedding weight name, output embedding weight name)``.
+
+    Read from the model class built on the meta device (no memory, no weights).
+    """
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(folder))
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            return {}, None, None
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception:  # noqa: BLE001 - an unknown model: no tie information, names from the adapter only
+        return {}, None, None
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def weight_of(get: Callable[[], Any]) -> str | None:
+        try:
+            m = get()
+        except (AttributeError, NotImplementedError):
+            return None
+        n = names.get(id(m)) if m is not None else None
+        return f"{n}.weight" if n else None
+
+    return tied, weight_of(model.get_input_embeddings), weight_of(model.get_output_embeddings)
+
+
+# -- adapter tensors -> terms ----------------------------------------------------------------------
+
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector(?:\.weight)?|token_adapter\.trainable_tokens_delta)$"
+)
+
+
+@dataclass
+class _Module:
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _parse(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tensor]]:
+    """``({module: its LoRA tensors}, {base tensor name: replacement})`` of one adapter."""
+    modules: dict[str, _Module] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for key, t in adapter.tensors.items():
+        k = key.removeprefix(_PREFIX)
+        m = _LORA_KEY.match(k)
+        if m:
+            kind = m["kind"].removesuffix(".weight") if m["kind"].startswith("lora_magnitude") else m["kind"]
+            modules.setdefault(m["mod"], _Module()).parts[kind] = t
+            continue
+        if ".lora_" in k or k.startswith("lora_"):
+            raise UnsupportedAdapterError(
+                f"adapter {adapter.name!r} holds {key!r}, which is not a LoRA tensor llmdeploy knows how to merge"
+            )
+        # modules_to_save copies, embeddings saved with the adapter (resized vocabulary), trained biases
+        name = k.replace(".base_layer.", ".").replace(".modules_to_save.", ".").replace(".original_module.", ".")
+        replace[name] = t
+    return modules, replace
+
+
+def _terms(adapter: Adapter, mod: str, parts: dict[str, torch.Tensor]) -> tuple[list[Term], list[Term], list[Term]]:
+    """``(weight terms, bias terms, token terms)`` of one module of one adapter."""
+    cfg = adapter.config
+    tokens: list[Term] = []
+    if "token_adapter.trainable_tokens_delta" in parts:
+        tokens.append(TokenRowsTerm(_token_indices(adapter, mod), parts["token_adapter.trainable_tokens_delta"]))
+    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+    if a_key not in parts and b_key not in parts:
+        if set(parts) - {"token_adapter.trainable_tokens_delta"}:
+            raise UnmergedAdapterError(
+                f"adapter {adapter.name!r} has {sorted(parts)} for module {mod!r} but no {a_key}/{b_key}; the adapter "
+                "file is incomplete"
+            )
+        return [], [], tokens
+    if a_key not in parts or b_key not in parts:
+        raise UnmergedAdapterError(
+            f"adapter {adapter.name!r} has only one of {a_key}/{b_key} for module {mod!r}; the adapter file is incomplete"
+        )
+    from peft.utils.other import get_pattern_key
+
+    A, B = parts[a_key], parts[b_key]
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), mod), cfg.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), mod), cfg.get("lora_alpha", 8))
+    if A.ndim != 2 or A.shape[0] != r:
+        raise AdapterShapeError(
+            f"adapter {adapter.name!r}: {mod}.{a_key} has shape {tuple(A.shape)}, but its config says rank r={r} "
+            "for this module; the adapter_config.json does not belong to these weights"
+        )
+    scaling = lora_scaling(alpha, r, use_rslora=bool(cfg.get("use_rslora")))
+    fifo = bool(cfg.get("fan_in_fan_out")) and not emb
+    weight: list[Term]
+    if "lora_magnitude_vector" in parts:
+        weight = [DoraTerm(A, B, scaling, fifo, emb, magnitude=parts["lora_magnitude_vector"])]
+    else:
+        weight = [LoraTerm(A, B, scaling, fan_in_fan_out=fifo, embedding=emb)]
+    bias = [LoraBiasTerm(parts["lora_B.bias"], scaling)] if "lora_B.bias" in parts else []
+    return weight, bias, tokens
+
+
+def _token_indices(adapter: Adapter, mod: str) -> tuple[int, ...]:
+    spec = adapter.config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        for key, idx in spec.items():
+            if mod == key or mod.endswith("." + key):
+                return tuple(int(i) for i in idx)
+        raise UnmergedAdapterError(
+            f"adapter {adapter.name!r} has trainable tokens for module {mod!r}, but trainable_token_indices "
+            f"{spec!r} names no such module"
+        )
+    if isinstance(spec, (list, tuple)):
+        return tuple(int(i) for i in spec)
+    raise UnmergedAdapterError(
+        f"adapter {adapter.name!r} has trainable tokens for module {mod!r} but no trainable_token_indices in its config"
+    )
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePlan:
+    """The merge plan of ``adapters`` (applied in order) onto ``base``.
+
+    Raises:
+        UnmergedAdapterError: a LoRA module or adapter tensor with no base tensor to go to.
+        AdapterShapeError: an adapter tensor whose shape does not fit its base tensor.
+    """
+    tied, in_emb, out_emb = _model_facts(base.folder)
+    stored = base.tensors
+    known = set(stored) | set(tied)
+
+    weight_terms: dict[str, list[Term]] = {}
+    token_terms: dict[str, list[Term]] = {}
+    replaced: dict[str, tuple[torch.Tensor, str]] = {}
+    n_modules = 0
+    for adapter in adapters:
+        modules, replace = _parse(adapter)
+        for name, t in replace.items():
+            if name not in known:
+                raise UnmergedAdapterError(
+                    f"adapter {adapter.name!r} holds a trained {name!r}, but the base model has no such tensor; "
+                    f"it does not belong to the base in {base.folder}"
+                )
+            if name in replaced:
+                raise UnmergedAdapterError(
+                    f"adapters {replaced[name][1]!r} and {adapter.name!r} both hold a trained copy of {name!r} "
+                    "(modules_to_save); merge only one of them"
+                )
+            replaced[name] = (t, adapter.name)
+        unmatched = [m for m in modules if f"{m}.weight" not in known]
+        if unmatched:
+            raise UnmergedAdapterError(
+                f"adapter {adapter.name!r} has LoRA weights for {len(unmatched)} module(s) with no weight in the base "
+                f"model, e.g. {unmatched[0]!r} (no {unmatched[0]}.weight in {base.folder}); the adapter was trained on "
+                "another model, or the model stores these weights under other names. Nothing was written"
+            )
+        for mod, m in modules.items():
+            w, b, tok = _terms(adapter, mod, m.parts)
+            if w:
+                n_modules += 1
+            weight_terms.setdefault(f"{mod}.weight", []).extend(w)
+            token_terms.setdefault(f"{mod}.weight", []).extend(tok)
+            if b:
+                if f"{mod}.bias" not in known:
+                    raise UnmergedAdapterError(
+                        f"module {mod!r} has lora_bias=True (adapter {adapter.name!r}) but its base layer has no bias, "
+                        "so the LoRA bias cannot be merged (PEFT cannot either); retrain without lora_bias"
+                    )
+                weight_terms.setdefault(f"{mod}.bias", []).extend(b)
+
+    def base_of(name: str) -> tuple[Callable[[], torch.Tensor], tuple[int, ...], torch.dtype, Any, Any, Any]:
+        """(load, shape, dtype, source key, raw range, release) of the tensor ``name`` starts from."""
+        if name in replaced:
+            t = replaced[name][0]
+            # saved in the training dtype (often float32): it is saved as the checkpoint's tensor would be
+            ref = stored.get(name) or stored.get(tied.get(name, ""))
+            dtype = ref.dtype if ref is not None else t.dtype
+            return (lambda: t), tuple(t.shape), dtype, ("adapter", id(t)), None, None
+        if name in tied and name not in replaced and tied[name] in known:
+            return base_of(tied[name])  # a tied target is its source, whatever the checkpoint stores
+        s = stored[name]
+        return (
+            lambda: base.load(name),
+            s.shape,
+            s.dtype,
+            ("file", name),
+            (str(s.file), s.offset, s.nbytes),
+            lambda: base.release(name),
+        )
+
+    names = list(stored) + [t for t in tied if t not in stored and tied[t] in known]
+    entries: list[Entry] = []
+    for name in names:
+        load, shape, dtype, source, raw, release = base_of(name)
+        terms = [*token_terms.get(name, []), *weight_terms.get(name, [])]
+        if name in tied and not token_terms.get(name):  # PEFT ties the trainable tokens of tied embeddings
+            terms = [*token_terms.get(tied[name], []), *weight_terms.get(name, [])]
+        module = name.rsplit(".", 1)[0]
+        entries.append(Entry(name, module, shape, dtype, load, tuple(terms), source=source, raw=raw, release=release))
+
+    base_shapes = {n: s.shape for n, s in stored.items()}
+    vocab = _check_replacements(replaced, base_shapes, tied, in_emb, out_emb, entries)
+    entries, untied = resolve_ties(entries, tied)
+    plan = MergePlan(entries, untied=untied, vocab_size=vocab, lora_modules=n_modules)
+    plan.base_dtype = dominant_dtype([e for e in entries if e.source[0] == "file"])
+    return plan
+
+
+def _check_replacements(
+    replaced: dict[str, tuple[torch.Tensor, str]],
+    base_shapes: dict[str, tuple[int, ...]],
+    tied: dict[str, str],
+    in_emb: str | None,
+    out_emb: str | None,
+    entries: list[Entry],
+) -> int | None:
+    """Shapes of trained copies: only the embeddings may grow (resized vocabulary). Returns the new vocab size."""
+    vocab: int | None = None
+    for name, (t, who) in replaced.items():
+        ref = base_shapes.get(name) or base_shapes.get(tied.get(name, ""))
+        if ref is None or tuple(t.shape) == tuple(ref):
+            continue
+        if name in (in_emb, out_emb) and t.ndim == 2 and t.shape[1] == ref[1]:
+            vocab = int(t.shape[0])
+            continue
+        raise AdapterShapeError(
+            f"adapter {who!r} holds {name!r} with shape {tuple(t.shape)}, but the base model's is {tuple(ref)}; the "
+            "adapter belongs to another base model. Nothing was written"
+        )
+    if vocab is not None:
+        for e in entries:
+            if e.name in (in_emb, out_emb) and e.shape[0] != vocab:
+                raise AdapterShapeError(
+                    f"the adapter resized the vocabulary to {vocab} tokens but {e.name!r} still has {e.shape[0]} rows; "
+                    "save the adapter with save_embedding_layers=True (or lm_head in modules_to_save) so both "
+                    "embeddings are in it"
+                )
+    return vocab
