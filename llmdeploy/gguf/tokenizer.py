@@ -1,27 +1,72 @@
-"""The ``tokenizer.*`` KVs of a GGUF: what llama.cpp's converter writes for a model's tokenizer.
+"""The ``tokenizer.*`` KVs of a GGUF: what llama.cpp's converter writes for a model's tokenizer, minus its bugs.
 
 ``tokenizer_metadata(source)`` reproduces ``convert_hf_to_gguf.py``'s ``set_vocab`` (llama-cpp-python
-0.3.36) for the architectures llmdeploy exports.  The converter picks one of three vocab readers by
-architecture and by the files it finds:
+0.3.36) for the architectures llmdeploy exports, KV for KV, except for the four deviations below.
+The converter picks one of three vocab readers by architecture and by the files it finds:
 
 - **SentencePiece** (``tokenizer.model``): ``model="llama"``, ``pre="default"``, pieces, scores and
   SentencePiece types; ids the model has but the tokenizer lacks become ``[PAD{i}]`` (UNUSED, score
   -10000); tokens listed in ``added_tokens.json`` / ``tokenizer_config.json`` get score -1000 and
   USER_DEFINED, or CONTROL when special (or special-looking).
-- **Llama HF-fast** (``tokenizer.json`` of a byte-fallback BPE, Llama only): gguf-py's ``LlamaHfVocab``.
+- **Llama HF-fast** (``tokenizer.json`` of a byte-fallback BPE, Llama only): gguf-py's ``LlamaHfVocab``;
+  llmdeploy writes a SentencePiece vocabulary rebuilt from ``tokenizer.json`` instead (deviation 2).
 - **BPE** (``tokenizer.json`` / ``vocab.json``): ``model="gpt2"``, tokens and merges, and the
   pre-tokenizer named by hashing the tokenizer's ids for a check text (``_pretokenizers.py``).
 
 Then the special-token ids, ``add_bos/eos/sep_token``, chat template and normalizer flags, read the
 way the converter's own gguf-py ``SpecialVocab`` reads them (see ``_SpecialTokens``).
+
+Deliberate deviations from the converter. Each is a case where the converter's file makes llama.cpp
+tokenize differently from the HF tokenizer it came from; ``tests/gguf/test_tokenizer.py`` checks that
+ours does not (llama.cpp on our vocabulary == the HF tokenizer), and ``tests/gguf/test_export.py``
+allows exactly these differences from the converter's files:
+
+1. **SentencePiece user-defined pieces** (``user_defined_symbols`` of a ``tokenizer.model``). The
+   converter's piece-type checks have no user-defined case, so ``<start_of_turn>``-like pieces become
+   NORMAL and llama.cpp cuts them into sub-pieces, while SentencePiece and HF keep them whole. We
+   write USER_DEFINED (text with ``▁`` as a space, as the converter writes user-defined added tokens).
+2. **No tokenizer.model, a SentencePiece BPE tokenizer.json** (byte fallback, ``▁`` spaces: what
+   transformers 5 saves for Llama, Mistral, Gemma and Phi-3). The converter's ``LlamaHfVocab`` scores
+   every token -1000, so llama.cpp's SPM tokenizer, which merges the adjacent pair whose token scores
+   highest, merges leftmost-first instead of by rank (``"ied"`` -> ``"▁ied"``, not ``"i" "ed"``), and
+   it types added tokens below ``vocab_size`` NORMAL (Phi-3's ``<|assistant|>`` gets cut up). We score
+   each token by the rank of the first merge that makes it (the k-th token made scores -k; tokens no
+   merge makes score below them all), type ``<0xXX>`` BYTE and the ``unk_token`` UNKNOWN, type added
+   tokens as in 3, and pad to the model's ``vocab_size`` with ``[PAD{i}]`` like the SentencePiece
+   reader (the converter does not pad, and llama.cpp then refuses the file for its embedding size).
+   When nothing in the folder sets ``add_bos_token`` and ``tokenizer.json``'s post-processor adds no
+   token (a ``TemplateProcessing`` of just the text, e.g. Gemma 4's), we write ``add_bos_token=False``:
+   the converter writes no flag, and llama.cpp's SPM default would add a BOS the tokenizer does not.
+3. **Added tokens found only in tokenizer.json.** The converter's SentencePiece reader types added
+   tokens from ``tokenizer_config.json``'s ``added_tokens_decoder``, which transformers 5 no longer
+   writes, so e.g. Gemma 3's ``<start_of_turn>`` stays NORMAL and llama.cpp splits it. Without
+   ``added_tokens_decoder`` we read ``tokenizer.json``'s ``added_tokens`` (the same ``content`` and
+   ``special`` fields) by the converter's own rule: the KVs the converter writes for the same
+   tokenizer saved by transformers 4.
+4. **Architectures whose converter refuses a SentencePiece tokenizer.json**: Gemma and Gemma 2
+   (``tokenizer.model`` missing), Phi-3 (``tokenizer.model`` missing) and Gemma 3 when its BPE path
+   meets a pre-tokenizer hash it does not know (Gemma 4's tokenizer; Gemma 3's own ``tokenizer.json``
+   it exports through BPE correctly, and so do we). We write 2's vocabulary; Gemma keeps
+   ``add_space_prefix=False`` and Phi-3 its own added-token rule, as with a ``tokenizer.model``.
+
+Not fixable in the file: llama.cpp's SPM tokenizer prefixes ``▁`` to every run of text (at the start
+and after every special or added token, also when the text already starts with a space), the
+SentencePiece rule that HF tokenizers with a ``Prepend`` normalizer follow. A ``Metaspace``
+pre-tokenizer with ``prepend_scheme="first"`` (transformers' non-legacy Llama) prefixes only the start
+of the text and never doubles a leading space; no GGUF key expresses that, so text starting with a
+space or following an added token tokenizes differently in llama.cpp for such a tokenizer. Nor does
+llama.cpp normalize Unicode: a tokenizer that NFC-normalizes its input (Qwen2's) differs on text
+that is not NFC already (``"a\u0300"``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from hashlib import sha256
@@ -63,11 +108,13 @@ _DEFAULT_SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 
 
 def tokenizer_metadata(source: Any, tokenizer: Any = None) -> list[KV]:
-    """The ``tokenizer.ggml.*`` and ``tokenizer.chat_template`` KVs llama.cpp's converter writes.
+    """The ``tokenizer.ggml.*`` and ``tokenizer.chat_template`` KVs llama.cpp's converter writes, minus its bugs.
 
     Equal, key for key and type for type, to the ``tokenizer.*`` KVs of
     ``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36) for the same folder and architecture,
-    in the converter's order.
+    in the converter's order, except the four deviations of the module docstring: where the
+    converter's file makes llama.cpp tokenize differently from the tokenizer, or where it refuses
+    a SentencePiece ``tokenizer.json`` that llama.cpp can tokenize.
 
     Args:
         source: The model: any object with ``config`` (the ``config.json`` dict) and ``folder``
@@ -84,10 +131,10 @@ def tokenizer_metadata(source: Any, tokenizer: Any = None) -> list[KV]:
     Raises:
         MissingFileError: No tokenizer files (or not the ones this architecture needs).
         UnsupportedArchitectureError: The architecture is not one llmdeploy exports.
-        UnsupportedTokenizerError: A tokenizer the converter refuses, e.g. a BPE pre-tokenizer
-            that llama.cpp does not know (the message gives its hash).
+        UnsupportedTokenizerError: A tokenizer llama.cpp cannot tokenize faithfully, e.g. a
+            byte-level BPE whose pre-tokenizer it does not know (the message gives its hash).
     """
-    with _converter_folder(source, tokenizer) as folder:
+    with _converter_folder(source, tokenizer) as folder, _tokenizer_json_read_once():
         hparams = _hparams(folder, source.config)
         arch = _architecture(hparams)
         set_vocab = _VOCAB_BY_ARCH.get(arch)
@@ -212,6 +259,9 @@ class _KVs:
         self.array(_K.CHAT_TEMPLATES, list(dict.fromkeys(names)))
         if default is not None:
             self.string(_K.CHAT_TEMPLATE, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kv
 
     def items(self) -> list[KV]:
         return [(key, value, vtype) for key, (value, vtype) in self._kv.items()]
@@ -431,9 +481,30 @@ def _merges_of(tokenizer_json: dict[str, Any]) -> list[str]:
     raise UnsupportedTokenizerError("tokenizer.json has merges in an unknown format.")
 
 
+# tokenizer.json, parsed once per tokenizer_metadata call (a 262k-token one takes a second); read-only.
+_TOKENIZER_JSON: contextvars.ContextVar[dict[pathlib.Path, Any] | None] = contextvars.ContextVar(
+    "tokenizer_json", default=None
+)
+
+
+@contextlib.contextmanager
+def _tokenizer_json_read_once() -> Iterator[None]:
+    token = _TOKENIZER_JSON.set({})
+    try:
+        yield
+    finally:
+        _TOKENIZER_JSON.reset(token)
+
+
 def _read_json(path: pathlib.Path) -> Any:
     if not path.is_file():
         return None
+    memo = _TOKENIZER_JSON.get()
+    if memo is not None and path.name == "tokenizer.json":
+        if path not in memo:
+            with open(path, encoding="utf-8") as f:
+                memo[path] = json.load(f)
+        return memo[path]
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -451,34 +522,115 @@ def _looks_special(token: str) -> bool:
     )
 
 
-def _sentencepiece_types(processor: Any, token_id: int) -> int:
-    if processor.IsUnknown(token_id):
-        return TokenType.UNKNOWN
-    if processor.IsControl(token_id):
-        return TokenType.CONTROL
-    if processor.IsUnused(token_id):
-        return TokenType.UNUSED
-    if processor.IsByte(token_id):
-        return TokenType.BYTE
-    return TokenType.NORMAL  # user-defined pieces too
+# A piece of an SPM vocabulary: (text, score, type).
+_Piece = tuple[str, float, int]
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _model_pieces(path: pathlib.Path) -> list[_Piece]:
+    """The pieces of a SentencePiece ``tokenizer.model``, typed as the converter types them, except user-defined.
+
+    The converter's ``SentencePieceProcessor`` checks have no user-defined case, so it types a
+    ``user_defined_symbols`` piece NORMAL; we keep it USER_DEFINED (text pre-normalized like the
+    converter's other user-defined tokens): deviation 1 of the module docstring.
+    """
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
+
+    processor = SentencePieceProcessor()
+    processor.LoadFromFile(str(path))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    user_defined = proto.SentencePiece.USER_DEFINED
+    pieces: list[_Piece] = []
+    for token_id in range(processor.vocab_size()):
+        text, score = processor.IdToPiece(token_id), processor.GetScore(token_id)
+        if processor.IsUnknown(token_id):
+            token_type = TokenType.UNKNOWN
+        elif processor.IsControl(token_id):
+            token_type = TokenType.CONTROL
+        elif processor.IsUnused(token_id):
+            token_type = TokenType.UNUSED
+        elif processor.IsByte(token_id):
+            token_type = TokenType.BYTE
+        elif proto.pieces[token_id].type == user_defined:
+            text, token_type = text.replace("\u2581", " "), TokenType.USER_DEFINED
+        else:
+            token_type = TokenType.NORMAL
+        pieces.append((text, score, int(token_type)))
+    return pieces
+
+
+def _is_sentencepiece_json(tokenizer_json: dict[str, Any] | None) -> bool:
+    """A ``tokenizer.json`` holding a SentencePiece BPE: BPE with byte fallback (``<0xXX>`` pieces, ``▁`` spaces)."""
+    model = (tokenizer_json or {}).get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def _json_pieces(tokenizer_json: dict[str, Any]) -> list[_Piece]:
+    """The pieces of a SentencePiece BPE ``tokenizer.json`` (no ``tokenizer.model``), with scores for llama.cpp.
+
+    llama.cpp's SPM tokenizer merges, among adjacent symbols whose concatenation is a token, the
+    one whose token scores highest (leftmost on ties); a BPE ``tokenizer.json`` merges the pair of
+    lowest merge rank. Scoring each token by the rank of the first merge that makes it gives the same
+    merges: the k-th token made scores -k. Pieces no merge makes (characters, bytes, specials) score
+    below all of them, in id order, so they never win over a real merge. Byte pieces are BYTE and
+    the model's ``unk_token`` UNKNOWN; ``_sentencepiece_vocab`` types the added tokens afterwards.
+    Deviation 2 of the module docstring.
+    """
+    model = tokenizer_json["model"]
+    vocab: dict[str, int] = model.get("vocab") or {}
+    by_id = {token_id: text for text, token_id in vocab.items()}
+    for added in tokenizer_json.get("added_tokens", []):
+        by_id.setdefault(int(added["id"]), added["content"])
+    order: dict[str, int] = {}  # token -> -score
+    for left, right in _merge_pairs(model.get("merges") or []):
+        if left + right in vocab:
+            order.setdefault(left + right, len(order))
+    unmerged = [token_id for token_id, text in sorted(by_id.items()) if text not in order]
+    order.update((by_id[token_id], len(order) + i) for i, token_id in enumerate(unmerged))
+    unk = model.get("unk_token")
+    pieces: list[_Piece] = []
+    for token_id in range(max(by_id, default=-1) + 1):
+        text = by_id.get(token_id)
+        if text is None:
+            pieces.append((f"[PAD{token_id}]", -10000.0, int(TokenType.UNUSED)))
+            continue
+        token_type = TokenType.NORMAL
+        if _BYTE_PIECE.fullmatch(text):
+            token_type = TokenType.BYTE
+        elif text == unk:
+            token_type = TokenType.UNKNOWN
+        pieces.append((text, -float(order[text]), int(token_type)))
+    return pieces
+
+
+def _merge_pairs(merges: list[Any]) -> Iterator[tuple[str, str]]:
+    for merge in merges:
+        if isinstance(merge, str):
+            left, _, right = merge.partition(" ")
+            yield left, right
+        else:
+            yield merge[0], merge[1]
 
 
 def _sentencepiece_vocab(
-    folder: pathlib.Path, vocab_size: int | None, *, phi3: bool = False
+    folder: pathlib.Path, vocab_size: int | None, *, phi3: bool = False, from_json: bool = False
 ) -> tuple[list[str], list[float], list[int]]:
-    """Tokens, scores and types from ``tokenizer.model`` plus the added tokens of the folder.
+    """Tokens, scores and types of a SentencePiece vocabulary plus the added tokens of the folder.
 
-    ``phi3`` follows ``Phi3MiniModel.set_vocab``'s variant: added tokens are CONTROL only when
-    marked special, ``tokenizer.json``'s added tokens count too, and nothing is range-checked.
+    The pieces come from ``tokenizer.model`` (the converter's ``_create_vocab_sentencepiece``), or
+    with ``from_json`` from a SentencePiece BPE ``tokenizer.json`` (``_json_pieces``). ``phi3``
+    follows ``Phi3MiniModel.set_vocab``'s variant: added tokens are CONTROL only when marked
+    special, ``tokenizer.json``'s added tokens count too, and nothing is range-checked.
     """
-    from sentencepiece import SentencePieceProcessor
-
-    path = folder / "tokenizer.model"
-    if not path.is_file():
-        raise MissingFileError(f"No tokenizer.model (SentencePiece) next to config.json in {folder}.")
-    processor = SentencePieceProcessor()
-    processor.LoadFromFile(str(path))
-    size = vocab_size or processor.vocab_size()
+    if from_json:
+        pieces = _json_pieces(_read_json(folder / "tokenizer.json"))
+    else:
+        path = folder / "tokenizer.model"
+        if not path.is_file():
+            raise MissingFileError(f"No tokenizer.model (SentencePiece) next to config.json in {folder}.")
+        pieces = _model_pieces(path)
+    size = vocab_size or len(pieces)
     tokens = [f"[PAD{i}]" for i in range(size)]
     scores = [-10000.0] * size
     types = [int(TokenType.UNUSED)] * size
@@ -494,22 +646,22 @@ def _sentencepiece_vocab(
             )
         return True
 
-    for token_id in range(processor.vocab_size()):
-        if out_of_range(token_id, "tokenizer.model"):
+    for token_id, (text, score, token_type) in enumerate(pieces):
+        if out_of_range(token_id, "The tokenizer"):
             break
-        tokens[token_id] = processor.IdToPiece(token_id)
-        scores[token_id] = processor.GetScore(token_id)
-        types[token_id] = int(_sentencepiece_types(processor, token_id))
+        tokens[token_id], scores[token_id], types[token_id] = text, score, token_type
 
     for text, token_id in (_read_json(folder / "added_tokens.json") or {}).items():
         if token_id >= size:
             continue
         tokens[token_id], scores[token_id], types[token_id] = text, -1000.0, int(TokenType.USER_DEFINED)
 
-    decoder = ((_read_json(folder / "tokenizer_config.json") or {}).get("added_tokens_decoder") or {}).items()
-    added = [(int(i), data) for i, data in decoder]
-    if phi3:
-        tokenizer_json = _read_json(folder / "tokenizer.json") or {}
+    tokenizer_json = _read_json(folder / "tokenizer.json") or {}
+    decoder = (_read_json(folder / "tokenizer_config.json") or {}).get("added_tokens_decoder")
+    added = [(int(i), data) for i, data in (decoder or {}).items()]
+    if phi3 or not decoder:
+        # Phi-3: the converter's own rule. Otherwise deviation 3: a folder saved by transformers 5 keeps
+        # its added tokens only in tokenizer.json, which the converter does not read here.
         added += [(int(data["id"]), data) for data in tokenizer_json.get("added_tokens", [])]
     for token_id, data in added:
         if out_of_range(token_id, "An added token"):
@@ -536,19 +688,36 @@ def _write_scored_vocab(
     _SpecialTokens(folder, n_vocab=len(tokens)).write(kvs)
 
 
-def _set_sentencepiece(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
+def _vocab_size(hparams: dict[str, Any]) -> int | None:
     key = next((k for k in ("vocab_size_per_layer_input", "vocab_size") if k in hparams), None)
-    _write_scored_vocab(kvs, folder, *_sentencepiece_vocab(folder, hparams[key] if key else None))
+    return hparams[key] if key else None
 
 
-def _set_llama_hf(kvs: _KVs, folder: pathlib.Path) -> None:
-    vocab = gguf.LlamaHfVocab(folder)  # FileNotFoundError: not a byte-fallback BPE; TypeError: Llama 3
-    tokens, scores, types = [], [], []
-    for text, score, token_type in vocab.all_tokens():
-        tokens.append(text.decode("utf-8"))
-        scores.append(float(score))
-        types.append(int(token_type))
-    _write_scored_vocab(kvs, folder, tokens, scores, types)
+def _set_sentencepiece(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
+    _write_scored_vocab(kvs, folder, *_sentencepiece_vocab(folder, _vocab_size(hparams)))
+
+
+def _set_sentencepiece_json(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any], *, phi3: bool = False) -> None:
+    """An SPM vocabulary rebuilt from ``tokenizer.json`` where the converter has no ``tokenizer.model`` to read."""
+    vocab_size = hparams.get("vocab_size") if phi3 else _vocab_size(hparams)
+    _write_scored_vocab(kvs, folder, *_sentencepiece_vocab(folder, vocab_size, phi3=phi3, from_json=True))
+    if _K.ADD_BOS not in kvs and not _post_processor_adds_tokens(_read_json(folder / "tokenizer.json")):
+        kvs.bool(_K.ADD_BOS, False)  # llama.cpp's SPM default would add one
+
+
+def _post_processor_adds_tokens(tokenizer_json: dict[str, Any]) -> bool:
+    post = tokenizer_json.get("post_processor")
+    if post is None:
+        return False
+    return post.get("type") != "TemplateProcessing" or any("SpecialToken" in piece for piece in post.get("single", []))
+
+
+def _sentencepiece_json_folder(folder: pathlib.Path) -> bool:
+    return not (folder / "tokenizer.model").is_file() and _is_sentencepiece_json(_read_json(folder / "tokenizer.json"))
+
+
+class _UnknownPreTokenizerError(UnsupportedTokenizerError):
+    pass
 
 
 def _pre_tokenizer_name(tokenizer: Any) -> str:
@@ -556,7 +725,7 @@ def _pre_tokenizer_name(tokenizer: Any) -> str:
     digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     name = PRE_TOKENIZER_BY_HASH.get(digest)
     if name is None:
-        raise UnsupportedTokenizerError(
+        raise _UnknownPreTokenizerError(
             f"The tokenizer's BPE pre-tokenizer is not one llama.cpp 0.3.36 knows (check-text hash {digest}); "
             "its converter refuses it too, "
             "because llama.cpp would split text differently from the tokenizer. Export with the base model's "
@@ -619,7 +788,7 @@ def _tokenizer_config(folder: pathlib.Path) -> dict[str, Any]:
 
 
 def _vocab_llama(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
-    """``LlamaModel``: SentencePiece, else Llama HF-fast, else BPE (Llama 3)."""
+    """``LlamaModel``: SentencePiece, else SentencePiece from tokenizer.json (deviation 2), else BPE (Llama 3)."""
     if (folder / "tekken.json").is_file() and not (folder / "tokenizer.json").is_file():
         raise UnsupportedTokenizerError(
             f"{folder} has a Mistral tekken.json and no tokenizer.json; llmdeploy exports HF tokenizers only."
@@ -629,13 +798,12 @@ def _vocab_llama(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> No
         raise UnsupportedTokenizerError("HybridDNATokenizer vocabularies are not supported.")
     if (add_prefix_space := config.get("add_prefix_space")) is not None:
         kvs.bool(_K.ADD_PREFIX, add_prefix_space)
-    try:
+    if (folder / "tokenizer.model").is_file():
         _set_sentencepiece(kvs, folder, hparams)
-    except FileNotFoundError:
-        try:
-            _set_llama_hf(kvs, folder)
-        except (FileNotFoundError, TypeError):
-            _set_bpe(kvs, folder, hparams)
+    elif _sentencepiece_json_folder(folder):
+        _set_sentencepiece_json(kvs, folder, hparams)
+    else:
+        _set_bpe(kvs, folder, hparams)
     vocab_size = hparams.get("vocab_size", 32000)
     if vocab_size == 32016:  # CodeLlama's infill tokens; only eot has a GGUF key in the converter
         special = _SpecialTokens(folder, kinds=("prefix", "suffix", "middle", "eot"))
@@ -663,9 +831,17 @@ def _vocab_bpe(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None
     _set_bpe(kvs, folder, hparams)
 
 
+def _set_gemma_sentencepiece(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
+    """tokenizer.model, else (the converter fails: deviation 4) a SentencePiece tokenizer.json."""
+    if _sentencepiece_json_folder(folder):
+        _set_sentencepiece_json(kvs, folder, hparams)
+    else:
+        _set_sentencepiece(kvs, folder, hparams)
+
+
 def _vocab_gemma(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
     """``GemmaModel``: SentencePiece, CodeGemma's infill ids (only eot reaches the file), no space prefix."""
-    _set_sentencepiece(kvs, folder, hparams)
+    _set_gemma_sentencepiece(kvs, folder, hparams)
     special = _SpecialTokens(folder, kinds=("prefix", "suffix", "middle", "fsep", "eot"))
     for kind, token_id in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
         special.set_id(kind, token_id)
@@ -676,17 +852,27 @@ def _vocab_gemma(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> No
 
 def _vocab_gemma2(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
     """``Gemma2Model``: SentencePiece, no space prefix."""
-    _set_sentencepiece(kvs, folder, hparams)
+    _set_gemma_sentencepiece(kvs, folder, hparams)
     kvs.bool(_K.ADD_PREFIX, False)
 
 
 def _vocab_gemma3(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
-    """``Gemma3Model``: SentencePiece (no space prefix) if there is a tokenizer.model, else BPE."""
+    """``Gemma3Model``: SentencePiece (no space prefix) if there is a tokenizer.model, else BPE.
+
+    A SentencePiece tokenizer.json whose pre-tokenizer hash the converter does not know (it refuses
+    it) is rebuilt as SentencePiece instead: deviation 4.
+    """
     if (folder / "tokenizer.model").is_file():
         _set_sentencepiece(kvs, folder, hparams)
         kvs.bool(_K.ADD_PREFIX, False)
-    else:
+        return
+    try:
         _set_bpe(kvs, folder, hparams)
+    except _UnknownPreTokenizerError:
+        if not _sentencepiece_json_folder(folder):
+            raise
+        _set_sentencepiece_json(kvs, folder, hparams)
+        kvs.bool(_K.ADD_PREFIX, False)
 
 
 def _vocab_phi3(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
@@ -694,10 +880,13 @@ def _vocab_phi3(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> Non
     if _tokenizer_config(folder).get("tokenizer_class") == "GPT2Tokenizer":
         _set_bpe(kvs, folder, hparams)
         return
+    if _sentencepiece_json_folder(folder):  # the converter fails: deviation 4
+        _set_sentencepiece_json(kvs, folder, hparams, phi3=True)
+        return
     if not (folder / "tokenizer.model").is_file():
         raise MissingFileError(
-            f"Phi-3 needs its SentencePiece tokenizer.model next to config.json (none in {folder}); "
-            "llama.cpp's converter does not read Phi-3 vocabularies from tokenizer.json."
+            f"Phi-3 needs its SentencePiece vocabulary next to config.json: tokenizer.model, or a tokenizer.json "
+            f"holding a byte-fallback BPE (none in {folder})."
         )
     _write_scored_vocab(kvs, folder, *_sentencepiece_vocab(folder, hparams.get("vocab_size"), phi3=True))
 
