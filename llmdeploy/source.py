@@ -11,6 +11,7 @@ and within a shard the tensor names sorted (the order ``safetensors`` lists them
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -104,6 +105,9 @@ class Source:
     def load(self, name: str) -> torch.Tensor:
         """Tensor ``name`` on the CPU, in its stored dtype (a view of a memory map for folders).
 
+        For folders, only the latest loaded tensor's pages count in the process's RSS: loading
+        the next one releases them (an older view still reads the same bytes, from the page cache).
+
         Args:
             name: an HF tensor name from :meth:`names`.
         """
@@ -179,19 +183,52 @@ def _open_folder(folder: pathlib.Path) -> Source:
                 "save the model in bf16, fp16 or fp32"
             )
 
-    maps: dict[pathlib.Path, np.memmap] = {}
+    maps = _ShardMaps()
 
     def load(name: str) -> torch.Tensor:
         shard, begin, end = where[name]
         info = infos[name]
-        if shard not in maps:
-            # copy-on-write: a private, writable mapping (torch wants writable buffers); pages are
-            # read from the file on demand and never written back.
-            maps[shard] = np.memmap(shard, dtype=np.uint8, mode="c")
-        raw = torch.from_numpy(maps[shard][begin:end])
+        raw = torch.from_numpy(maps.view(shard, begin, end))
         return raw.view(_DTYPES[info.dtype]).reshape(info.shape)
 
     return Source(config, folder, infos, load)
+
+
+class _ShardMaps:
+    """Memory maps of the shards that hold at most one tensor's pages in the resident set.
+
+    Pages of a mapped file that the process has touched count in its RSS until they are
+    unmapped, so reading a checkpoint tensor by tensor through one long-lived map would
+    grow the RSS to the whole checkpoint. Before each new view, the byte range of the
+    previous one is handed back with ``MADV_DONTNEED``: the pages stay in the page cache
+    (a view that is read again faults them back in, with the same bytes), but no longer
+    count for this process.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[pathlib.Path, mmap.mmap] = {}
+        self._last: tuple[mmap.mmap, int, int] | None = None
+
+    def view(self, shard: pathlib.Path, begin: int, end: int) -> np.ndarray:
+        self.release()
+        if shard not in self._maps:
+            with open(shard, "rb") as f:
+                # A private (copy-on-write) writable mapping, because torch wants writable
+                # buffers; nothing writes to it, so no page is ever copied or written back.
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        m = self._maps[shard]
+        self._last = (m, begin, end)
+        return np.frombuffer(m, dtype=np.uint8, count=end - begin, offset=begin)
+
+    def release(self) -> None:
+        """Drop the pages of the last view from the resident set."""
+        if self._last is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        m, begin, end = self._last
+        self._last = None
+        start = begin - begin % mmap.PAGESIZE
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _read_config(folder: pathlib.Path) -> dict[str, Any]:

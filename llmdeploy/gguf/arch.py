@@ -53,12 +53,15 @@ class ExportTensor:
             untransformed fp32 tensor may share memory with the checkpoint or the model).
         keep_f32: the converter writes it as F32 whatever the outtype (1-D tensors, norms,
             biases, MoE routers).
+        load_rows: ``load_rows(lo, hi)`` returns ``load()[lo:hi]`` (rows of the first axis of
+            ``shape``) without reading the rest; None when the transforms need the whole tensor.
     """
 
     name: str
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
     keep_f32: bool
+    load_rows: Callable[[int, int], torch.Tensor] | None = None
 
 
 # -- hparams, as the converter reads them -------------------------------------------------------
@@ -585,20 +588,29 @@ class Architecture:
     ) -> ExportTensor:
         shape = tuple(source.info(stored).shape)
         transforms: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        permuted = False
         if self.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             n_head = _need(ctx.hp, "n_heads", "num_attention_heads")
             n_kv = _need(ctx.hp, "n_kv_heads", "num_key_value_heads")
             heads = n_head if ".q_proj." in name or n_kv is None or n_head == n_kv else n_kv
             transforms.append(lambda t, h=heads: _permute(t, h))
+            permuted = True
         if n_vocab is not None and "embed_tokens.weight" in name:
             shape = (len(range(shape[0])[:n_vocab]), *shape[1:])
             transforms.append(lambda t: t[:n_vocab])
         if self.norm_plus_one and name.endswith("norm.weight"):
             transforms.append(lambda t: t + 1)
-        return self._export(name_map, name, shape, lambda: _apply(source.load(stored), transforms))
+        # Every transform but the Q/K permutation (which mixes the rows of a head) is row-wise.
+        rows = None if permuted else (lambda lo, hi: _apply(source.load(stored)[lo:hi], transforms))
+        return self._export(name_map, name, shape, lambda: _apply(source.load(stored), transforms), rows)
 
     def _export(
-        self, name_map: gguf.TensorNameMap, name: str, shape: tuple[int, ...], load: Callable[[], torch.Tensor]
+        self,
+        name_map: gguf.TensorNameMap,
+        name: str,
+        shape: tuple[int, ...],
+        load: Callable[[], torch.Tensor],
+        load_rows: Callable[[int, int], torch.Tensor] | None = None,
     ) -> ExportTensor:
         mapped = name_map.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
@@ -613,7 +625,7 @@ class Architecture:
             or not gguf_name.endswith(".weight")
             or kind in _F32_KINDS
         )
-        return ExportTensor(gguf_name, shape, load, keep_f32)
+        return ExportTensor(gguf_name, shape, load, keep_f32, load_rows)
 
     def _n_expert(self, ctx: _Ctx) -> int:
         assert self.experts is not None
@@ -660,6 +672,9 @@ class Architecture:
                 spec.stacked.format(bid=bid, proj=proj),
                 shape,
                 lambda parts=parts: torch.stack([_working(source.load(p)) for p in parts]).to(torch.float32),
+                lambda lo, hi, parts=parts: torch.stack([_working(source.load(p)) for p in parts[lo:hi]]).to(
+                    torch.float32
+                ),
             )
 
     def _fused_experts(
@@ -667,7 +682,10 @@ class Architecture:
     ) -> Iterator[ExportTensor]:
         shape = tuple(source.info(stored).shape)
         if proj == "down_proj":
-            yield self._export(name_map, f"{prefix}.down_proj.weight", shape, lambda: _apply(source.load(stored), []))
+            yield self._export(
+                name_map, f"{prefix}.down_proj.weight", shape, lambda: _apply(source.load(stored), []),
+                lambda lo, hi: _apply(source.load(stored)[lo:hi], []),
+            )
             return
         if len(shape) < 3 or shape[-2] % 2:
             raise UnexpectedTensorError(
@@ -681,6 +699,7 @@ class Architecture:
                 f"{prefix}.{sub}.weight",
                 half,
                 lambda sl=sl: _apply(source.load(stored), [lambda t: t[..., sl, :]]),
+                lambda lo, hi, sl=sl: _apply(source.load(stored)[lo:hi], [lambda t: t[..., sl, :]]),
             )
 
     def _real_vocab(self, source: Source, ctx: _Ctx) -> int | None:

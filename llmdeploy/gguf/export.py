@@ -3,17 +3,24 @@
 Everything that can fail on the input (architecture, tokenizer, quantization names,
 row sizes, existing outputs) is checked before the first byte is written. Then each
 tensor is loaded once, transformed, quantized for every requested file type, written
-to every file and released, so memory stays bounded by one tensor (and its encodings).
+to every file and released, so memory stays bounded by one tensor's encodings: a large
+tensor is read and quantized a chunk of rows at a time (when its architecture can load
+rows on their own), and its checkpoint pages leave the resident set once read (see
+:mod:`llmdeploy.source`). Peak memory does not grow with the model, only with its
+largest tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import math
 import os
 import pathlib
 import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gguf
@@ -31,6 +38,12 @@ from .writer import GGUFFileWriter
 
 _F32, _BF16 = GGMLQuantizationType.F32, GGMLQuantizationType.BF16
 _SPLIT_OR_PLAN_KEYS = (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
+# Tensors larger than this many values are loaded and encoded in chunks of about this size,
+# when their architecture can load a range of rows on its own. 4 MB of float32: small enough
+# that the allocator reuses the same heap pages for every chunk (allocations of 32 MB and
+# more get fresh pages from the kernel each time, and faulting them in costs more than
+# widening bf16 to float32).
+CHUNK_VALUES = 1 << 20
 
 
 def save_pretrained_gguf(
@@ -107,9 +120,14 @@ def save_pretrained_gguf(
             for tp in plan.tensors:
                 writer.add_tensor(tp.name, tp.shape, tp.type, tp.nbytes)
             writers.append(writer)
+        del token_kvs  # the writers hold the packed bytes
+        _return_free_heap()
         bar = _progress(order, progress)
-        for name in bar:
-            _write_tensor(by_name[name], plans, writers, threads)
+        buffer = _Buffer()
+        with _torch_single_threaded():
+            for name in bar:
+                _write_tensor(by_name[name], plans, writers, threads, buffer)
+        del buffer
         written = [part.path for writer in writers for part in writer.parts()]
         # leaving the stack commits every file (fsync + atomic rename)
     if progress:
@@ -119,18 +137,123 @@ def save_pretrained_gguf(
     return written
 
 
-def _write_tensor(tensor: ExportTensor, plans: list[QuantPlan], writers: list[GGUFFileWriter], threads: int | None) -> None:
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the system before the tensor pass.
+
+    Reading a large tokenizer (tokenizer.json of 10-30 MB, parsed into Python objects)
+    leaves a few hundred MB of freed heap that glibc keeps mapped, and resident, for
+    later; the tensor pass does not need it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
+
+
+@contextlib.contextmanager
+def _torch_single_threaded() -> Iterator[None]:
+    """Run torch's own ops (bf16 -> float32, transforms) on the calling thread only.
+
+    They are memory-bound and see one chunk at a time; the cores belong to the
+    quantization threads. Left at its default, torch's OpenMP pool spins between the
+    small ops and takes the cores from the kernels (the pass took 2-3x longer on two
+    cores). ``torch.set_num_threads`` is process-wide; the setting is restored after.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Buffer:
+    """One reusable output buffer, grown to the largest encoded tensor.
+
+    Each fresh allocation of hundreds of MB comes from the kernel as untouched pages, and
+    faulting them in again for every tensor costs about 0.5 s per GB of output.
+    """
+
+    def __init__(self) -> None:
+        self._data = np.empty(0, np.uint8)
+
+    def take(self, sizes: list[int]) -> list[np.ndarray]:
+        """Consecutive, non-overlapping byte arrays of ``sizes``, valid until the next call."""
+        total = sum(sizes)
+        if total > self._data.size:
+            self._data = np.empty(0, np.uint8)  # let the old one go first
+            self._data = np.empty(total, np.uint8)
+        bounds = np.cumsum([0, *sizes])
+        return [self._data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _write_tensor(
+    tensor: ExportTensor,
+    plans: list[QuantPlan],
+    writers: list[GGUFFileWriter],
+    threads: int | None,
+    buffer: _Buffer | None = None,
+) -> None:
     """Load one tensor, encode it once per distinct type, and write it to every file."""
-    values = tensor.load().to(torch.float32).reshape(tensor.shape)
-    encoded: dict[GGMLQuantizationType, np.ndarray] = {}
+    qtypes = list(dict.fromkeys(plan[tensor.name].type for plan in plans))
+    load_rows = getattr(tensor, "load_rows", None)  # None: the transforms need the whole tensor
+    n_values = math.prod(tensor.shape)
+    if load_rows is not None and len(tensor.shape) >= 2 and n_values > CHUNK_VALUES:
+        encoded = _encode_by_rows(tensor, load_rows, qtypes, plans, threads, buffer or _Buffer())
+    else:
+        values = tensor.load().to(torch.float32).reshape(tensor.shape)
+        encoded = {qtype: _quantize(tensor, values, qtype, threads) for qtype in qtypes}
+        del values
     for plan, writer in zip(plans, writers):
-        qtype = plan[tensor.name].type
-        if qtype not in encoded:
+        writer.write_tensor(tensor.name, encoded[plan[tensor.name].type])
+
+
+def _encode_by_rows(
+    tensor: ExportTensor,
+    load_rows: Callable[[int, int], torch.Tensor],
+    qtypes: list[GGMLQuantizationType],
+    plans: list[QuantPlan],
+    threads: int | None,
+    buffer: _Buffer,
+) -> dict[GGMLQuantizationType, np.ndarray]:
+    """Encode a large tensor a few rows (of its first axis) at a time.
+
+    Only the encoded bytes are ever whole; the float32 values exist one chunk at a time
+    (the checkpoint pages and the widened copy of a bf16 tensor would otherwise cost up to
+    three times its bf16 size). Every block type quantizes rows independently, so the
+    bytes are those of the whole tensor at once.
+    """
+    n_rows = tensor.shape[0]
+    per_row = math.prod(tensor.shape[1:])
+    step = max(1, CHUNK_VALUES // per_row)
+    nbytes = {qtype: next(p[tensor.name].nbytes for p in plans if p[tensor.name].type == qtype) for qtype in qtypes}
+    out = dict(zip(qtypes, buffer.take([nbytes[qtype] for qtype in qtypes])))
+    for lo in range(0, n_rows, step):
+        hi = min(lo + step, n_rows)
+        values = load_rows(lo, hi).to(torch.float32).reshape(hi - lo, *tensor.shape[1:])
+        for qtype in qtypes:
+            row_bytes = nbytes[qtype] // n_rows
             try:
-                encoded[qtype] = quants.quantize(values, qtype, threads=threads)
-            except NonFiniteValueError as exc:
-                raise NonFiniteValueError(f"Tensor {tensor.name!r}: {exc}") from None
-        writer.write_tensor(tensor.name, encoded[qtype])
+                encoded = quants.quantize(values, qtype, threads=threads)
+            except NonFiniteValueError:
+                del values
+                # report it as for the whole tensor (counts and the first position over all rows)
+                _quantize(tensor, tensor.load().to(torch.float32).reshape(tensor.shape), qtype, threads)
+                raise
+            out[qtype][lo * row_bytes : hi * row_bytes] = encoded.reshape(-1)
+        del values
+    return out
+
+
+def _quantize(
+    tensor: ExportTensor, values: torch.Tensor, qtype: GGMLQuantizationType, threads: int | None
+) -> np.ndarray:
+    try:
+        return quants.quantize(values, qtype, threads=threads)
+    except NonFiniteValueError as exc:
+        raise NonFiniteValueError(f"Tensor {tensor.name!r}: {exc}") from None
 
 
 def _file_types(quantization: str | Sequence[str]) -> list[FileType]:
