@@ -94,8 +94,7 @@ def save_pretrained_gguf(
     tensors = arch.tensors(source)
     hparams = arch.hparams(source)
     token_kvs = tokenizer_metadata(source, tokenizer)
-    inputs = [PlanInput(t.name, t.shape, _F32 if t.keep_f32 else _BF16) for t in tensors]
-    plans = [plan_quantization(inputs, ft, hparams) for ft in file_types]
+    plans = _plans(tensors, file_types, hparams)
 
     out_dir = pathlib.Path(save_directory)
     stem = model_name or _model_name(source)
@@ -187,6 +186,26 @@ class _Buffer:
             self._data = np.empty(total, np.uint8)
         bounds = np.cumsum([0, *sizes])
         return [self._data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def plan_gguf(model: Any, *, quantization: str | Sequence[str] = "q8_0") -> list[QuantPlan]:
+    """The quantization plans ``save_pretrained_gguf`` would follow, without writing anything.
+
+    Each plan lists every tensor with its GGUF type and exact byte size, and gives the
+    total size and bits per weight (``plan.summary()``, ``plan.table()``).
+
+    Args:
+        model: a model folder or an in-memory ``transformers.PreTrainedModel``.
+        quantization: one file-type name or a list (as for ``save_pretrained_gguf``).
+    """
+    source = open_source(model)
+    arch = architecture_for(source)
+    return _plans(arch.tensors(source), _file_types(quantization), arch.hparams(source))
+
+
+def _plans(tensors: list[ExportTensor], file_types: list[FileType], hparams: Any) -> list[QuantPlan]:
+    inputs = [PlanInput(t.name, t.shape, _F32 if t.keep_f32 else _BF16) for t in tensors]
+    return [plan_quantization(inputs, ft, hparams) for ft in file_types]
 
 
 def _write_tensor(

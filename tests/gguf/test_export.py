@@ -214,6 +214,16 @@ def test_gguf_reader_reads_every_file_and_nothing_dequantizes_to_nan(exported: d
                 assert np.isfinite(values).all(), f"{path.name}: {tensor.name}"
 
 
+def test_plan_is_inspectable_before_writing_and_matches_the_file(exported: dict) -> None:
+    from llmdeploy import plan_gguf
+
+    (plan,) = plan_gguf(_folder("LlamaForCausalLM"), quantization="Q4_K_M")
+    reader = GGUFReader(exported["LlamaForCausalLM"]["q4_k_m"])
+    assert [(t.name, t.type) for t in plan.tensors] == [(t.name, t.tensor_type) for t in reader.tensors]
+    assert plan.total_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert 4.0 < plan.bits_per_weight < 7.0 and "Q4_K" in plan.table()
+
+
 # ------------------------------------------------------------------ bad input
 
 
