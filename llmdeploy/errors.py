@@ -75,3 +75,7 @@ class AdapterShapeError(LLMDeployError, ValueError):
 
 class UnmergedAdapterError(LLMDeployError, ValueError):
     """A LoRA module that the merge could not place onto a base tensor; never silently skipped."""
+
+
+class QuantStateError(QuantizedCheckpointError):
+    """A bitsandbytes 4-bit weight whose quantization state is missing, inconsistent or of an unknown kind."""

@@ -20,7 +20,7 @@ saved dtype (PEFT on a 16-bit model rounds the delta, then the sum).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +63,42 @@ def _t(x: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return x.T if fan_in_fan_out else x
 
 
+def _power_of_two(x: float) -> bool:
+    return x >= 1.0 and math.isfinite(x) and math.frexp(x)[0] == 0.5
+
+
+def _scaled_product(
+    B: torch.Tensor, A: torch.Tensor, scaling: float, transpose: bool, out: torch.Tensor | None
+) -> torch.Tensor:
+    # transpose(B @ A) * scaling, in the compute dtype. With `out` (a contiguous buffer shaped
+    # as B @ A), the product is written into it (the same matmul call, so the same bits) and
+    # scaled in place. When scaling is 2**k (k >= 0: alpha = r, 2r, rsLoRA's 16/sqrt(16), ...),
+    # it is folded into B instead, saving a pass over ΔW: B*2**k is exact, so every product and
+    # partial sum of (B*2**k) @ A is exactly 2**k times that of B @ A and rounds the same way —
+    # bit-identical, outside float32's extremes: a partial sum that overflows makes the merge
+    # Inf/NaN, which is refused; products below 2**-126 (subnormal, |ΔW| ~ 1e-38) may round
+    # differently.
+    ct = compute_dtype(A.dtype)
+    if out is None:
+        return _t(B.to(ct) @ A.to(ct), transpose) * scaling
+    A, B = A.to(device=out.device, dtype=ct), B.to(device=out.device, dtype=ct)  # e.g. a CUDA adapter
+    if scaling == 1.0:
+        torch.matmul(B, A, out=out)
+    elif _power_of_two(scaling) and bool(torch.isfinite(B * scaling).all()):
+        torch.matmul(B * scaling, A, out=out)
+    else:
+        torch.matmul(B, A, out=out)
+        out.mul_(scaling)
+    return _t(out, transpose)
+
+
 def lora_delta(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ΔW of a Linear LoRA: ``transpose(B @ A, fan_in_fan_out) * scaling`` (PEFT ``Linear.get_delta_weight``).
 
@@ -73,24 +107,32 @@ def lora_delta(
         lora_B: ``(out, r)``.
         scaling: see :func:`lora_scaling`.
         fan_in_fan_out: the base weight is stored ``(in, out)``.
+        out: a contiguous ``(out, in)`` buffer in the compute dtype to compute into (the result
+            is then a view of it, transposed when ``fan_in_fan_out``); bit-identical either way.
 
     Returns:
         ΔW in the compute dtype, shaped as the base weight.
     """
-    ct = compute_dtype(lora_A.dtype)
-    return _t(lora_B.to(ct) @ lora_A.to(ct), fan_in_fan_out) * scaling
+    return _scaled_product(lora_B, lora_A, scaling, fan_in_fan_out, out)
 
 
-def embedding_delta(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def embedding_delta(
+    lora_embedding_A: torch.Tensor,
+    lora_embedding_B: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ΔW of an Embedding LoRA: ``(B @ A).T * scaling``, shaped ``(num, dim)`` (PEFT ``Embedding.get_delta_weight``).
 
     Args:
         lora_embedding_A: ``(r, num)``.
         lora_embedding_B: ``(dim, r)``.
         scaling: see :func:`lora_scaling`.
+        out: a contiguous ``(dim, num)`` buffer in the compute dtype to compute into (the result
+            is its transpose); bit-identical either way.
     """
-    ct = compute_dtype(lora_embedding_A.dtype)
-    return (lora_embedding_B.to(ct) @ lora_embedding_A.to(ct)).T * scaling
+    return _scaled_product(lora_embedding_B, lora_embedding_A, scaling, True, out)
 
 
 def dora_merge(
@@ -178,10 +220,15 @@ class LoraTerm(Term):
     embedding: bool = False
     kind = "lora"
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW (into ``out``, a buffer shaped as :meth:`product_shape`, when given)."""
         if self.embedding:
-            return embedding_delta(self.lora_A, self.lora_B, self.scaling)
-        return lora_delta(self.lora_A, self.lora_B, self.scaling, fan_in_fan_out=self.fan_in_fan_out)
+            return embedding_delta(self.lora_A, self.lora_B, self.scaling, out=out)
+        return lora_delta(self.lora_A, self.lora_B, self.scaling, fan_in_fan_out=self.fan_in_fan_out, out=out)
+
+    def product_shape(self) -> tuple[int, int]:
+        """The shape of ``B @ A`` (before any transpose)."""
+        return (self.lora_B.shape[0], self.lora_A.shape[1])
 
     def expected_shape(self) -> tuple[int, ...]:
         if self.embedding:  # A (r, num), B (dim, r)
@@ -285,10 +332,52 @@ class TokenRowsTerm(Term):
         return (self.kind, id(self.rows), self.token_indices)
 
 
-def apply_terms(base: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
-    """The base tensor with every term applied in order, in the compute dtype (a new tensor)."""
-    w0 = base.to(compute_dtype(base.dtype))
+Buffers = Callable[[int, tuple[int, ...], torch.dtype], torch.Tensor]
+"""``buffer(slot, shape, dtype)``: a contiguous scratch tensor, the same memory for the same slot."""
+
+
+def apply_terms(base: torch.Tensor, terms: Sequence[Term], *, buffers: Buffers | None = None) -> torch.Tensor:
+    """The base tensor with every term applied in order, in the compute dtype.
+
+    Args:
+        base: the base tensor (never modified).
+        terms: the changes, in merge order.
+        buffers: scratch memory to compute plain LoRA terms in (see :data:`Buffers`); the result
+            is then a view of a buffer, valid until the buffers are used again. Without it, a new
+            tensor. The bits are the same either way.
+    """
+    ct = compute_dtype(base.dtype)
+    if (
+        buffers is not None
+        and terms
+        and all(type(t) is LoraTerm and compute_dtype(t.lora_A.dtype) == ct for t in terms)
+    ):
+        return _apply_lora_terms(base, terms, buffers)  # type: ignore[arg-type]
+    w0 = base.to(ct)
     w = w0
     for term in terms:
         w = term.apply(w, w0)
+    return w
+
+
+_CHUNK = 1 << 22  # elements of W0 converted to the compute dtype at a time (16 MiB in float32)
+
+
+def _apply_lora_terms(base: torch.Tensor, terms: Sequence[LoraTerm], buffers: Buffers) -> torch.Tensor:
+    # ((W0 + ΔW1) + ΔW2) + ...: PEFT's order, one float32 buffer the size of W. ΔW1 is computed
+    # into it and W0 added in place (ΔW1 + W0 == W0 + ΔW1: one IEEE addition of the same two
+    # values); W0 is first converted to float32 a few rows at a time, as adding a bf16 tensor to a
+    # float32 one directly takes torch's mixed-dtype path, several times slower. Each further ΔW
+    # goes to a second buffer and is added in place.
+    ct = compute_dtype(base.dtype)
+    w = terms[0].delta(out=buffers(0, terms[0].product_shape(), ct))
+    rows = base.shape[0] if base.ndim else 1
+    step = max(1, _CHUNK // max(1, base[0].numel() if base.ndim else 1))
+    tmp = buffers(2, (min(step, rows), *base.shape[1:]), ct)
+    for i in range(0, rows, step):
+        part = tmp[: min(step, rows - i)]
+        part.copy_(base[i : i + step])
+        w[i : i + step].add_(part)
+    for term in terms[1:]:
+        w.add_(term.delta(out=buffers(1, term.product_shape(), ct)))
     return w

@@ -9,18 +9,23 @@ removed, transformers' in-memory weight conversions reverted).
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import InvalidOptionError, NotSupportedYetError, UnmergedAdapterError, UnsupportedAdapterError
+from .bnb import Quant4bit, dequantize_4bit
 from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm
 from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
 
 __all__ = ["is_peft_model", "merge_adapter_names", "plan_from_model"]
+
+logger = logging.getLogger("llmdeploy")
 
 # LoraConfig fields that select a LoRA variant llmdeploy does not merge (value: what it is).
 _VARIANTS = {
@@ -34,6 +39,8 @@ SUPPORTED = (
 
 
 def is_peft_model(model: Any) -> bool:
+    if "peft" not in sys.modules:  # no PeftModel can exist; importing peft (and transformers) takes seconds
+        return False
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -109,6 +116,13 @@ def plan_from_model(model: Any, adapter_names: Sequence[str] | None = None) -> t
     for name, tensor, terms, module in walker.walk(inner, ""):
         entries.extend(_entries(inner, name, tensor, terms, module))
     _check_all_merged(inner, names, walker.merged)
+    if walker.dequantized:
+        logger.warning(
+            "the base model is quantized with bitsandbytes 4-bit: its %d 4-bit weights are dequantized, so the merged "
+            "weights carry the 4-bit rounding of the base. Pass base= the folder of the original 16-bit weights to "
+            "merge onto those instead",
+            walker.dequantized,
+        )
     ignore = getattr(inner, "_keys_to_ignore_on_save", None) or ()
     if ignore:
         import re
@@ -155,6 +169,7 @@ class _Walker:
         self.adapters = adapters
         self.lora_modules = 0
         self.merged: set[int] = set()  # ids of the LoRA layers walked
+        self.dequantized = 0  # bitsandbytes 4-bit weights met
         from peft.tuners.lora import layer as lora_layer
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
@@ -189,20 +204,31 @@ class _Walker:
     def _own(self, module: torch.nn.Module, prefix: str) -> Any:
         skip = getattr(module, "_non_persistent_buffers_set", set())
         for n, p in module._parameters.items():
-            if p is not None:
-                yield f"{prefix}{n}", p, (), prefix[:-1]
+            if p is None:
+                continue
+            if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+                self.dequantized += 1  # a bitsandbytes 4-bit weight: written dequantized
+                yield f"{prefix}{n}", Packed4bit(p), (), prefix[:-1]
+                continue
+            if type(p).__name__ == "Int8Params" or hasattr(p, "SCB"):
+                raise NotSupportedYetError(
+                    f"module {prefix[:-1]!r} holds a bitsandbytes 8-bit weight; llmdeploy dequantizes 4-bit (NF4/FP4) "
+                    "bases only. Pass base= the folder of the original 16-bit weights"
+                )
+            yield f"{prefix}{n}", p, (), prefix[:-1]
         for n, b in module._buffers.items():
             if b is not None and n not in skip:
                 yield f"{prefix}{n}", b, (), prefix[:-1]
 
     def _lora(self, module: Any, prefix: str) -> Any:
         path = prefix[:-1]
-        if type(module) not in (self.Linear, self.Embedding):
-            kind = type(module).__name__
-            if "4bit" in kind or "8bit" in kind:
+        kind = type(module).__name__
+        four_bit = kind == "Linear4bit" and type(module).__module__.startswith("peft.")
+        if type(module) not in (self.Linear, self.Embedding) and not four_bit:
+            if "8bit" in kind:
                 raise NotSupportedYetError(
-                    f"module {path!r} is a LoRA layer on a bitsandbytes-quantized base ({kind}); merging onto a "
-                    "quantized base is not supported yet. Pass base= the folder of the original 16-bit weights"
+                    f"module {path!r} is a LoRA layer on a bitsandbytes 8-bit base ({kind}); llmdeploy dequantizes "
+                    "4-bit (NF4/FP4) bases only. Pass base= the folder of the original 16-bit weights"
                 )
             raise NotSupportedYetError(
                 f"module {path!r} is a LoRA {kind} layer; llmdeploy merges LoRA on Linear and Embedding layers only. "
@@ -269,8 +295,31 @@ class _Walker:
             yield n, tensor, (*inner_terms, *extra), mod
 
 
-def _entries(inner: Any, name: str, tensor: torch.Tensor, terms: Sequence[Term], module: str) -> list[Entry]:
+class Packed4bit:
+    """A bitsandbytes ``Params4bit`` met by the walker: written as its dequantized weight."""
+
+    def __init__(self, param: Any) -> None:
+        self.param = param
+
+    def plan(self, name: str) -> tuple[Quant4bit, Callable[[], torch.Tensor]]:
+        state = Quant4bit.from_bnb(name, self.param.quant_state)  # the small state, copied to the CPU now
+        data = self.param.data
+        return state, lambda: dequantize_4bit(data.detach().to("cpu"), state)
+
+
+def _entries(
+    inner: Any, name: str, tensor: torch.Tensor | Packed4bit, terms: Sequence[Term], module: str
+) -> list[Entry]:
     """The checkpoint tensor(s) for one in-memory tensor (transformers 5 may split fused ones on save)."""
+    if isinstance(tensor, Packed4bit):
+        state, load4 = tensor.plan(name)
+        meta = torch.empty(state.shape, dtype=state.dtype, device="meta")
+        if list(_revert(inner, {name: meta})) != [name]:
+            raise NotSupportedYetError(
+                f"the 4-bit weight {name!r} is stored under other names in the checkpoint; merging it is not supported "
+                "yet. Pass base= the folder of the original 16-bit weights"
+            )
+        return [Entry(name, module, state.shape, state.dtype, load4, tuple(terms), source=("mem", id(tensor.param)))]
     t = tensor.detach()
     if t.device.type == "meta":
         raise NotSupportedYetError(

@@ -98,10 +98,12 @@ def save_pretrained_merged(
         tokenizer: a tokenizer or processor to save with the model; by default the tokenizer files
             are copied from the adapter folder, else from the base model's folder.
         save_method: ``"merged_16bit"`` (default) or ``"lora"`` (the adapter alone, PEFT format).
-        base: the base model folder (16-bit safetensors). For an adapter folder, defaults to its
+        base: the base model folder (safetensors). For an adapter folder, defaults to its
             ``base_model_name_or_path``, which must then be a local folder. For an in-memory model,
             the merge reads the base weights from here instead of the model (e.g. the original
-            16-bit weights of a QLoRA fine-tune).
+            16-bit weights of a QLoRA fine-tune). A bitsandbytes 4-bit base (NF4/FP4, in memory or
+            saved) is dequantized in pure torch, with a warning: the merged weights then carry the
+            4-bit rounding; pass the original 16-bit weights here to avoid it.
         dtype: the saved dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``; default: the base
             weights' 16-bit dtype, or bfloat16 when they are float32. Float32 tensors of a 16-bit
             checkpoint (kept in float32 on purpose) stay float32.

@@ -106,16 +106,43 @@ class MergePlan:
                     )
 
     def out_tensors(self, dtype: torch.dtype) -> Iterator[OutTensor]:
-        """Each output tensor, in order, cast to ``dtype`` (see :func:`out_dtype`)."""
+        """Each output tensor, in order, cast to ``dtype`` (see :func:`out_dtype`).
+
+        The tensors share one :class:`Scratch`: produce them one at a time (each result is a
+        tensor of its own; the scratch holds only intermediates).
+        """
+        scratch = Scratch()
         for e in self.entries:
             target = out_dtype(e.dtype, self.base_dtype, dtype)
             raw = e.raw if (not e.terms and target == e.dtype) else None
-            yield OutTensor(e.name, e.shape, target, _producer(e, target), raw)
+            yield OutTensor(e.name, e.shape, target, _producer(e, target, scratch), raw)
 
 
-def _producer(e: Entry, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+class Scratch:
+    """Reusable float buffers for the merge: one per slot, grown to the largest request.
+
+    A fresh float32 tensor per intermediate costs page faults and zeroing on every tensor of
+    the model (and leaves freed memory the allocator keeps); these buffers are faulted in once,
+    so the merge runs at memory speed and its footprint is the largest tensor's intermediates.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._buffers.get((slot, dtype))
+        if buf is None or buf.numel() < n:
+            self._buffers.pop((slot, dtype), None)  # drop the smaller one first
+            buf = self._buffers[(slot, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+def _producer(e: Entry, dtype: torch.dtype, scratch: Scratch | None = None) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
-        out = merge_tensor(e.load(), e.terms, dtype=dtype, module=e.module, name=e.name)
+        out = merge_tensor(e.load(), e.terms, dtype=dtype, module=e.module, name=e.name, scratch=scratch)
         if e.release is not None:
             if not e.terms and out.dtype == e.dtype:
                 out = out.clone()  # still a view of the base file: copy before its pages are given back
@@ -126,7 +153,13 @@ def _producer(e: Entry, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
 
 
 def merge_tensor(
-    base: torch.Tensor, terms: Sequence[Term], *, dtype: torch.dtype, module: str, name: str
+    base: torch.Tensor,
+    terms: Sequence[Term],
+    *,
+    dtype: torch.dtype,
+    module: str,
+    name: str,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """``base`` with ``terms`` applied (in float32), rounded once to ``dtype``; NaN/Inf is an error.
 
@@ -136,24 +169,36 @@ def merge_tensor(
         dtype: the saved dtype.
         module: the module path, named in errors.
         name: the tensor name, named in errors.
+        scratch: buffers for the intermediates (the result is always a new tensor).
     """
     if not terms:
         return base.detach().to(dtype)
     with torch.no_grad():
-        merged = apply_terms(base.detach(), terms)
+        merged = apply_terms(base.detach(), terms, buffers=scratch)
+        out = torch.empty(merged.shape, dtype=dtype)
+        out.copy_(merged)  # the one rounding (the same as merged.to(dtype)); contiguous
+    if _finite(out):
+        return out
+    # NaN and infinity survive the rounding, so a finite result means a finite merge; only now
+    # is the float32 result inspected to say which went wrong
     if not bool(torch.isfinite(merged).all()):
         raise NonFiniteValueError(
             f"merging the adapter into module {module!r} ({name}) gives NaN or infinity: the adapter weights "
             "(lora_A/lora_B, magnitude or scaling) are broken there. Check the training run, or leave this module "
             "out of the adapter"
         )
-    out = merged.to(dtype)
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteValueError(
-            f"the merged weight of module {module!r} ({name}) overflows {_name(dtype)}: its largest magnitude is "
-            f"{merged.abs().max().item():.4g}. Save with dtype='bfloat16' or 'float32' instead"
-        )
-    return out
+    raise NonFiniteValueError(
+        f"the merged weight of module {module!r} ({name}) overflows {_name(dtype)}: its largest magnitude is "
+        f"{merged.abs().max().item():.4g}. Save with dtype='bfloat16' or 'float32' instead"
+    )
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: one reduction (NaN and ±inf reach the min or max), no mask."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _name(dtype: torch.dtype) -> str:

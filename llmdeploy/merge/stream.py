@@ -13,6 +13,7 @@ Adapter files name PEFT modules relative to the transformers model
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import pathlib
 import re
@@ -30,6 +31,7 @@ from ..errors import (
     UnmergedAdapterError,
     UnsupportedAdapterError,
 )
+from .bnb import COMPONENTS, Quant4bit, dequantize_4bit
 from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, lora_scaling
 from .memory import check_adapter_config
 from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
@@ -41,6 +43,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
 }  # fmt: skip
+logger = logging.getLogger("llmdeploy")
+
 _PREFIX = "base_model.model."
 _BNB = re.compile(r"\.(absmax|nested_absmax|quant_map|nested_quant_map|quant_state(\.[\w.]+)?|SCB|weight_format)$")
 
@@ -109,8 +113,9 @@ class _Stored:
     file: pathlib.Path
     offset: int  # absolute, in the file
     nbytes: int
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # a 4-bit weight's: the dequantized shape and dtype
     dtype: torch.dtype
+    quant: dict[str, _Stored] | None = None  # a bitsandbytes 4-bit weight's state tensors, by suffix
 
 
 @dataclass
@@ -146,31 +151,87 @@ class BaseFolder:
                         "fp16 or fp32"
                     )
                 tensors[name] = _Stored(shard, start + b, e - b, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]])
+        base = cls(folder, config, tensors)
+        four_bit = base._find_4bit()
         quant = next((n for n, t in tensors.items() if _BNB.search(n) or t.dtype in (torch.uint8, torch.int8)), None)
-        if quant is not None or config.get("quantization_config"):
-            what = f"tensor {quant!r}" if quant else "its config.json (quantization_config)"
+        qc = config.get("quantization_config")
+        is_bnb_4bit = isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
+        if quant is not None or (qc and not is_bnb_4bit):
+            what = f"tensor {quant!r}" if quant else f"its config.json (quantization_config: {qc.get('quant_method')})"
             raise QuantizedCheckpointError(
-                f"the base folder {folder} is quantized ({what}); merging needs the original 16-bit weights. Pass "
-                "base= a folder of the unquantized model (dequantizing a 4-bit base is not supported yet)"
+                f"the base folder {folder} is quantized ({what}); llmdeploy dequantizes bitsandbytes 4-bit (NF4/FP4) "
+                "bases only. Pass base= a folder of the original 16-bit weights"
             )
-        return cls(folder, config, tensors)
+        if four_bit:
+            kinds = sorted({f"{q['type']}{', double quantization' if q['nested'] else ''}" for q in four_bit.values()})
+            logger.warning(
+                "the base model in %s is quantized with bitsandbytes 4-bit (%s): its %d 4-bit weights are dequantized, "
+                "so the merged weights carry the 4-bit rounding of the base. Pass base= the folder of the original "
+                "16-bit weights to merge onto those instead",
+                folder, "; ".join(kinds), len(four_bit),
+            )  # fmt: skip
+        return base
 
-    def load(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a view of the shard's memory map (copy-on-write; never written)."""
-        s = self.tensors[name]
-        mm = self._maps.get(s.file)
+    def _find_4bit(self) -> dict[str, dict[str, Any]]:
+        """Gather each bitsandbytes 4-bit weight's state tensors under it; ``{weight: summary}``."""
+        groups: dict[str, dict[str, _Stored]] = {}
+        for name in list(self.tensors):
+            suffix = next((c for c in COMPONENTS if name.endswith("." + c)), None)
+            if suffix is not None:
+                groups.setdefault(name[: -len(suffix) - 1], {})[suffix] = self.tensors.pop(name)
+        found: dict[str, dict[str, Any]] = {}
+        for weight, parts in groups.items():
+            s = self.tensors.get(weight)
+            meta_key = next((k for k in parts if k.startswith("quant_state.")), None)
+            if s is None or meta_key is None:
+                what = "no such weight" if s is None else "no quant_state.bitsandbytes__nf4 (or __fp4)"
+                raise QuantizedCheckpointError(
+                    f"the base folder {self.folder} has bitsandbytes state tensors for {weight!r} "
+                    f"({', '.join(sorted(parts))}) but {what}; the checkpoint is incomplete. Pass base= a folder of "
+                    "the original 16-bit weights"
+                )
+            meta = json.loads(bytes(self._read(parts[meta_key]).tolist()).decode("utf-8"))
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+                str(meta.get("dtype")), torch.bfloat16
+            )
+            shape = tuple(int(d) for d in meta.get("shape") or ())
+            self.tensors[weight] = _Stored(s.file, s.offset, s.nbytes, shape, dtype, quant=parts)
+            kind = meta.get("quant_type", meta_key.rsplit("__", 1)[-1])
+            found[weight] = {"type": kind, "nested": "nested_absmax" in parts}
+        return found
+
+    def _map(self, file: pathlib.Path) -> mmap.mmap:
+        mm = self._maps.get(file)
         if mm is None:
-            with open(s.file, "rb") as f:
+            with open(file, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[s.file] = mm
+            self._maps[file] = mm
+        return mm
+
+    def _read(self, s: _Stored) -> torch.Tensor:
         if s.nbytes == 0:
             return torch.empty(s.shape, dtype=s.dtype)
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=s.nbytes, offset=s.offset)
+        raw = torch.frombuffer(self._map(s.file), dtype=torch.uint8, count=s.nbytes, offset=s.offset)
         return raw.view(s.dtype).reshape(s.shape)
+
+    def raw_range(self, name: str) -> tuple[str, int, int] | None:
+        """``(file, offset, nbytes)`` of a tensor stored as it is loaded (None for a 4-bit weight)."""
+        s = self.tensors[name]
+        return None if s.quant else (str(s.file), s.offset, s.nbytes)
+
+    def load(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a view of the shard's memory map (copy-on-write; never written), or
+        for a bitsandbytes 4-bit weight, a new tensor with its dequantized values."""
+        s = self.tensors[name]
+        if s.quant is None:
+            return self._read(s)
+        packed = _Stored(s.file, s.offset, s.nbytes, (s.nbytes,), torch.uint8)
+        parts = {k: self._read(p).clone() for k, p in s.quant.items()}
+        return dequantize_4bit(self._read(packed), Quant4bit.from_checkpoint(name, parts))
 
     def release(self, name: str) -> None:
         """Give the pages of tensor ``name`` back to the OS (they are re-read if touched again)."""
-        s = self.tensors[name]
+        s = self.tensors[name]  # a 4-bit weight's: its packed bytes (its state is small)
         mm = self._maps.get(s.file)
         if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -309,13 +370,9 @@ def _terms(adapter: Adapter, mod: str, parts: dict[str, torch.Tensor]) -> tuple[
         raise UnmergedAdapterError(
             f"adapter {adapter.name!r} has only one of {a_key}/{b_key} for module {mod!r}; the adapter file is incomplete"
         )
-    from peft.utils.other import get_pattern_key
-
     A, B = parts[a_key], parts[b_key]
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), mod), cfg.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), mod), cfg.get("lora_alpha", 8))
+    r = _pattern_value(cfg, "rank_pattern", mod, cfg.get("r", 8))
+    alpha = _pattern_value(cfg, "alpha_pattern", mod, cfg.get("lora_alpha", 8))
     if A.ndim != 2 or A.shape[0] != r:
         raise AdapterShapeError(
             f"adapter {adapter.name!r}: {mod}.{a_key} has shape {tuple(A.shape)}, but its config says rank r={r} "
@@ -330,6 +387,16 @@ def _terms(adapter: Adapter, mod: str, parts: dict[str, torch.Tensor]) -> tuple[
         weight = [LoraTerm(A, B, scaling, fan_in_fan_out=fifo, embedding=emb)]
     bias = [LoraBiasTerm(parts["lora_B.bias"], scaling)] if "lora_B.bias" in parts else []
     return weight, bias, tokens
+
+
+def _pattern_value(cfg: dict[str, Any], key: str, mod: str, default: Any) -> Any:
+    """``cfg[key]``'s value for module ``mod`` (PEFT's ``get_pattern_key``), else ``default``."""
+    pattern = cfg.get(key) or {}
+    if not pattern:
+        return default  # the usual case: no need to import peft (and transformers) for it
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), mod), default)
 
 
 def _token_indices(adapter: Adapter, mod: str) -> tuple[int, ...]:
@@ -352,6 +419,43 @@ def _token_indices(adapter: Adapter, mod: str) -> tuple[int, ...]:
 # -- the plan ----------------------------------------------------------------------------------------
 
 
+def _vocab_sizes(config: dict[str, Any]) -> set[int]:
+    sizes = set()
+    for cfg in (config, *(v for v in config.values() if isinstance(v, dict))):  # text_config, ...
+        v = cfg.get("vocab_size")
+        if isinstance(v, int) and v > 0:
+            sizes.add(v)
+    return sizes
+
+
+def _touches_embeddings(base: BaseFolder, parsed: Sequence[tuple[Adapter, dict[str, _Module], dict[str, Any]]]) -> bool:
+    """Whether the adapters change a tensor that tied weights or a resized vocabulary could involve.
+
+    Ties (``lm_head`` ↔ ``embed_tokens``, encoder ↔ decoder embeddings) and vocabulary resizing
+    only concern vocabulary-sized tensors. When every tensor the adapters change is stored in
+    the base checkpoint and has no dimension of the vocabulary size (LoRA on the attention and
+    MLP projections: the usual fine-tune), the merged checkpoint is the stored one tensor for
+    tensor and the model class is not needed. Otherwise (or with no ``vocab_size`` in the config)
+    the tie map comes from the model class (:func:`_model_facts`, which imports transformers).
+    """
+    vocab = _vocab_sizes(base.config)
+    if not vocab:
+        return True
+    for _, modules, replace in parsed:
+        names = [*replace, *(f"{m}.{w}" for m in modules for w in ("weight", "bias"))]
+        for name in names:
+            s = base.tensors.get(name)
+            if s is None:
+                if name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in base.tensors:
+                    continue  # a Linear without bias: only a lora_bias term would need one (checked later)
+                return True
+            if any(d in vocab for d in s.shape):
+                return True
+        if any("token_adapter.trainable_tokens_delta" in m.parts for m in modules.values()):
+            return True
+    return False
+
+
 def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePlan:
     """The merge plan of ``adapters`` (applied in order) onto ``base``.
 
@@ -359,7 +463,11 @@ def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePla
         UnmergedAdapterError: a LoRA module or adapter tensor with no base tensor to go to.
         AdapterShapeError: an adapter tensor whose shape does not fit its base tensor.
     """
-    tied, in_emb, out_emb = _model_facts(base.folder)
+    parsed = [(adapter, *_parse(adapter)) for adapter in adapters]
+    if _touches_embeddings(base, parsed):
+        tied, in_emb, out_emb = _model_facts(base.folder)
+    else:  # nothing tied or vocabulary-sized changes: the checkpoint's tensors, as stored, are the answer
+        tied, in_emb, out_emb = {}, None, None
     stored = base.tensors
     known = set(stored) | set(tied)
 
@@ -367,8 +475,7 @@ def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePla
     token_terms: dict[str, list[Term]] = {}
     replaced: dict[str, tuple[torch.Tensor, str]] = {}
     n_modules = 0
-    for adapter in adapters:
-        modules, replace = _parse(adapter)
+    for adapter, modules, replace in parsed:
         for name, t in replace.items():
             if name not in known:
                 raise UnmergedAdapterError(
@@ -418,7 +525,7 @@ def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePla
             s.shape,
             s.dtype,
             ("file", name),
-            (str(s.file), s.offset, s.nbytes),
+            base.raw_range(name),
             lambda: base.release(name),
         )
 

@@ -211,15 +211,32 @@ def test_base_not_local(tmp_path):
         save_pretrained_merged(base(), tmp_path / "out")
 
 
-def test_quantized_base_folder(tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "config", "match"),
+    [
+        ({"model.layers.0.mlp.up_proj.weight.absmax": torch.ones(4)}, None,
+         r"state tensors for 'model.layers.0.mlp.up_proj.weight' \(absmax\) but no quant_state.bitsandbytes__nf4 .*"
+         r"incomplete. Pass base= a folder of the original 16-bit weights"),
+        ({"model.layers.0.mlp.up_proj.weight.SCB": torch.ones(4)}, None,
+         r"is quantized \(tensor 'model.layers.0.mlp.up_proj.weight.SCB'\); llmdeploy dequantizes bitsandbytes 4-bit"),
+        ({}, {"quant_method": "gptq", "bits": 4},
+         r"is quantized \(its config.json \(quantization_config: gptq\)\); .*original 16-bit weights"),
+    ],
+    ids=["incomplete_4bit_state", "int8", "gptq"],
+)  # fmt: skip
+def test_quantized_base_folder(extra, config, match, tmp_path):
+    """A base llmdeploy cannot dequantize (8-bit, GPTQ, a 4-bit state with parts missing): a clear error."""
     q = tmp_path / "q"
     shutil.copytree(base(), q)
     tensors = load_file(str(q / "model.safetensors"))
-    tensors["model.layers.0.mlp.up_proj.weight.absmax"] = torch.ones(4)
-    save_file(tensors, str(q / "model.safetensors"))
+    save_file({**tensors, **extra}, str(q / "model.safetensors"))
+    if config:
+        cfg = json.loads((q / "config.json").read_text())
+        (q / "config.json").write_text(json.dumps({**cfg, "quantization_config": config}))
     _, adapter = _adapter(tmp_path)
-    with pytest.raises(QuantizedCheckpointError, match="is quantized .*absmax.*original 16-bit weights"):
+    with pytest.raises(QuantizedCheckpointError, match=match):
         save_pretrained_merged(adapter, tmp_path / "out", base=q)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,19 @@ def test_parse_shard_size(size, n):
     assert parse_shard_size(size) == n
 
 
+@pytest.mark.parametrize("size", ["5GB", "5Gb", "5gb", "3MiB", "10KB", "7kib", "12MB", "1mb", " 2GB", 0, 17])
+def test_parse_shard_size_matches_transformers(size):
+    """llmdeploy parses sizes itself (no transformers import) by transformers' rules."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    want = convert_file_size_to_int(size)
+    if want > 0:
+        assert parse_shard_size(size) == want
+    else:
+        with pytest.raises(InvalidOptionError):
+            parse_shard_size(size)
+
+
 @pytest.mark.parametrize("size", ["5 apples", "", 0, -3])
 def test_parse_shard_size_rejects(size):
     with pytest.raises(InvalidOptionError, match="is not a size; use bytes"):

@@ -26,6 +26,7 @@ from llmdeploy.merge.lora import (
     lora_delta,
     lora_scaling,
 )
+from llmdeploy.merge.plan import Scratch, merge_tensor
 
 
 class _Toy(torch.nn.Module):
@@ -101,9 +102,55 @@ def test_delta_and_merge_equal_peft_bit_for_bit(kind, n_in, n_out, r, alpha, rsl
     with torch.no_grad():
         assert torch.equal(term.delta(), layer.get_delta_weight("default"))
         ours = apply_terms(base, [term])
+        in_scratch = apply_terms(base, [term], buffers=Scratch()).clone()
         layer.merge(safe_merge=True)
     assert torch.equal(ours, layer.get_base_layer().weight.detach())
+    assert torch.equal(in_scratch, ours)  # the buffered path (scaling folded into B when 2**k) is the same
     assert torch.equal(base, apply_terms(base, []))  # no term: the base, unchanged
+
+
+@given(
+    out_f=st.integers(1, 300),
+    in_f=st.integers(1, 300),
+    r=st.sampled_from([1, 4, 8, 16, 64]),
+    scalings=st.lists(st.sampled_from([1.0, 2.0, 4.0, 0.5, 16 / math.sqrt(8), 3.0, 2.0**20]), min_size=1, max_size=3),
+    fan_in_fan_out=st.booleans(),
+    embedding=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_buffered_merge_is_bit_identical(out_f, in_f, r, scalings, fan_in_fan_out, embedding, dtype, seed):
+    """apply_terms with scratch buffers (the writer's path) gives the bits of the plain expressions,
+    PEFT's, for several adapters in a row, both layouts, 16/32-bit bases, and every kind of scaling:
+    1, powers of two (folded into B), others (multiplied after the matmul)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(out_f, in_f, generator=g).to(dtype)
+    terms = []
+    for s in scalings:
+        if embedding:  # A (r, num), B (dim, r); the base is (num, dim)
+            A, B = torch.randn(r, out_f, generator=g), torch.randn(in_f, r, generator=g)
+        else:
+            shape_out, shape_in = (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+            A, B = torch.randn(r, shape_in, generator=g), 0.1 * torch.randn(shape_out, r, generator=g)
+        terms.append(LoraTerm(A, B, s, fan_in_fan_out=fan_in_fan_out and not embedding, embedding=embedding))
+    scratch = Scratch()
+    plain = apply_terms(base, terms)
+    for _ in range(2):  # the second time in buffers that already hold the first result
+        assert torch.equal(apply_terms(base, terms, buffers=scratch), plain)
+
+
+def test_merge_tensor_reuses_its_buffers():
+    """The float32 intermediates live in the scratch buffers (allocated once, grown to the largest
+    tensor); every merged tensor is a new tensor of its own."""
+    scratch = Scratch()
+    A, B = torch.randn(4, 64), torch.randn(32, 4)
+    w = torch.randn(32, 64).bfloat16()
+    first = merge_tensor(w, [LoraTerm(A, B, 2.0)], dtype=torch.bfloat16, module="m", name="m.weight", scratch=scratch)
+    ptrs = {k: b.data_ptr() for k, b in scratch._buffers.items()}
+    second = merge_tensor(w, [LoraTerm(A, B, 3.0)], dtype=torch.bfloat16, module="m", name="m.weight", scratch=scratch)
+    assert {k: b.data_ptr() for k, b in scratch._buffers.items()} == ptrs
+    assert first.data_ptr() != second.data_ptr() and not torch.equal(first, second)
+    assert torch.equal(first, (w.float() + (B @ A) * 2.0).bfloat16())
 
 
 def test_lora_bias_equals_peft():
@@ -176,3 +223,23 @@ def test_dora_norm_uses_the_unmerged_base():
     d2 = dora.delta()
     factor = (dora.magnitude / torch.linalg.norm(w0 + d2, dim=1)).view(-1, 1)
     torch.testing.assert_close(got, factor * (w0 + first.delta() + d2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 10**9])
+@pytest.mark.parametrize(("fan_in_fan_out", "embedding"), [(False, False), (True, False), (False, True)])
+def test_buffered_merge_converts_the_base_in_row_chunks(chunk, fan_in_fan_out, embedding, monkeypatch):
+    """W0 is converted to float32 a few rows at a time (elementwise, so the chunking cannot change a bit)."""
+    from llmdeploy.merge import lora
+
+    monkeypatch.setattr(lora, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(chunk)
+    base = torch.randn(37, 23, generator=g).bfloat16()
+    if embedding:
+        A, B = torch.randn(4, 37, generator=g), torch.randn(23, 4, generator=g)
+    elif fan_in_fan_out:
+        A, B = torch.randn(4, 37, generator=g), torch.randn(23, 4, generator=g)
+    else:
+        A, B = torch.randn(4, 23, generator=g), torch.randn(37, 4, generator=g)
+    kw = dict(fan_in_fan_out=fan_in_fan_out, embedding=embedding)
+    terms = [LoraTerm(A, B, 2.0, **kw), LoraTerm(A, B, 3.0, **kw)]
+    assert torch.equal(apply_terms(base, terms, buffers=Scratch()), apply_terms(base, terms))

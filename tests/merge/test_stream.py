@@ -194,3 +194,37 @@ def test_adapter_folder_tokenizer_wins(tmp_path):
     assert "<extra_tok>" in AutoTokenizer.from_pretrained(str(out)).get_vocab()
     assert (out / "tokenizer.model").read_bytes() == (base_folder / "tokenizer.model").read_bytes()
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needs_model_class"),
+    [
+        (dict(target_modules=["q_proj", "v_proj", "up_proj"]), False),
+        (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), True),
+        (dict(target_modules=["embed_tokens", "q_proj"]), True),
+        (dict(target_modules=["lm_head"]), True),
+        (dict(target_modules=["q_proj"], trainable_token_indices=[2, 3]), True),
+    ],
+    ids=["projections", "modules_to_save_head", "embedding_lora", "head_lora", "trainable_tokens"],
+)
+def test_model_class_is_built_only_when_embeddings_change(cfg, needs_model_class, tmp_path, monkeypatch):
+    """The tie map comes from the model class (importing transformers: seconds and ~100 MB) only when
+    the adapters change a vocabulary-sized tensor; LoRA on the projections alone of a tied model
+    (Qwen2) merges to the same folder without it."""
+    from llmdeploy.merge import stream
+
+    base_folder = base("Qwen2ForCausalLM")
+    pm = lora(load(base_folder), **cfg)
+    adapter = _save_adapter(pm, tmp_path / "adapter")
+    calls = []
+    real = stream._model_facts
+    monkeypatch.setattr(stream, "_model_facts", lambda folder: calls.append(folder) or real(folder))
+    out = save_pretrained_merged(adapter, tmp_path / "out", base=base_folder)
+    assert bool(calls) == needs_model_class
+    mem = read(save_pretrained_merged(pm, tmp_path / "mem"))
+    ours = read(out)
+    assert ours.keys() == mem.keys() and all(torch.equal(ours[k], mem[k]) for k in ours)
+    cfg_out = json.loads((out / "config.json").read_text())
+    assert cfg_out["tie_word_embeddings"] == json.loads((tmp_path / "mem" / "config.json").read_text())[
+        "tie_word_embeddings"
+    ]
