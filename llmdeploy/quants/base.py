@@ -96,7 +96,7 @@ class QuantType:
     @classmethod
     def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
         """uint8 ``(n, type_size)`` -> float32 ``(n, block_size)``, equal to ggml's ``to_float``."""
-        raise NotImplementedError  # every registered type overrides this
+        raise NotImplementedError(f"{cls.__name__} must define dequantize_blocks")  # every registered type does
 
 
 # --------------------------------------------------------------------------- registry
