@@ -168,7 +168,7 @@ def _open_folder(folder: pathlib.Path) -> Source:
     infos: dict[str, TensorInfo] = {}
     where: dict[str, tuple[pathlib.Path, int, int]] = {}
     for shard in shards:
-        header, data_start = _read_header(shard)
+        header, data_start = read_safetensors_header(shard)
         for name in sorted(header):
             meta = header[name]
             begin, end = meta["data_offsets"]
@@ -278,7 +278,8 @@ def _shard_files(folder: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
-def _read_header(shard: pathlib.Path) -> tuple[dict[str, Any], int]:
+def read_safetensors_header(shard: pathlib.Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (without ``__metadata__``) and where its data starts."""
     with open(shard, "rb") as f:
         head = f.read(8)
         if len(head) < 8:

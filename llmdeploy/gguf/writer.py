@@ -43,6 +43,7 @@ from gguf import (
     Keys,
 )
 
+from .._fsutil import fsync_dir
 from ..errors import BlockSizeError, GGUFWriteError, OutputExistsError, UnsupportedQuantTypeError
 
 __all__ = ["GGUFFileWriter", "GGUFPart", "split_path"]
@@ -202,16 +203,6 @@ def _open_exclusive(final: pathlib.Path) -> tuple[pathlib.Path, BinaryIO]:
         except FileExistsError:
             continue
         return tmp, os.fdopen(fd, "wb")
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    if sys.platform == "win32":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GGUFFileWriter:
@@ -564,5 +555,5 @@ class GGUFFileWriter:
         for tmp, final in reversed(list(zip(self._temps, finals))):
             os.replace(tmp, final)
             self._temps.remove(tmp)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return finals

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .._fsutil import fsync_dir
 from ..errors import InvalidOptionError, OutputExistsError
 from .plan import OutTensor
 
@@ -160,7 +161,7 @@ class Staging:
         for name in order:
             os.replace(self._staged[name], self.folder / name)
         self._staged.clear()
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def abort(self) -> None:
         """Remove every temporary file (and the output folder, if this save created it and it is empty)."""
@@ -181,16 +182,6 @@ def _rmdir_if_empty(folder: pathlib.Path) -> None:
         folder.rmdir()
     except OSError:
         pass
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    if sys.platform == "win32":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def stale_files(folder: pathlib.Path) -> list[str]:

@@ -31,6 +31,7 @@ from ..errors import (
     UnmergedAdapterError,
     UnsupportedAdapterError,
 )
+from ..source import read_safetensors_header
 from .bnb import COMPONENTS, Quant4bit, dequantize_4bit
 from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, lora_scaling
 from .memory import check_adapter_config
@@ -141,7 +142,7 @@ class BaseFolder:
             config = json.load(f)
         tensors: dict[str, _Stored] = {}
         for shard in _shards(folder):
-            header, start = _read_header(shard)
+            header, start = read_safetensors_header(shard)
             for name in sorted(header):
                 meta = header[name]
                 b, e = meta["data_offsets"]
@@ -269,20 +270,6 @@ def _shards(folder: pathlib.Path) -> list[pathlib.Path]:
             "model.safetensors.index.json); save the base model with save_pretrained"
         )
     return shards
-
-
-def _read_header(shard: pathlib.Path) -> tuple[dict[str, Any], int]:
-    with open(shard, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise MissingFileError(f"{shard} is not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise MissingFileError(f"{shard} is not a valid safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
 
 
 def _model_facts(folder: pathlib.Path) -> tuple[dict[str, str], str | None, str | None]:
