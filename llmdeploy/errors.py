@@ -79,3 +79,11 @@ class UnmergedAdapterError(LLMDeployError, ValueError):
 
 class QuantStateError(QuantizedCheckpointError):
     """A bitsandbytes 4-bit weight whose quantization state is missing, inconsistent or of an unknown kind."""
+
+
+class HubError(LLMDeployError, RuntimeError):
+    """A Hugging Face Hub request that failed (the message names the repo and the step; never the token)."""
+
+
+class GGUFReadError(LLMDeployError, ValueError):
+    """A file that is not a readable GGUF, or one whose contents llmdeploy cannot use (names the file and key)."""

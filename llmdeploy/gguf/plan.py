@@ -34,6 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from ..errors import BlockSizeError, UnexpectedTensorError, UnsupportedQuantTypeError
 
 __all__ = [
+    "ALIASES",
     "FILE_TYPES",
     "QUANTIZATION_VERSION",
     "FileType",
@@ -87,22 +88,31 @@ def _file_types() -> Mapping[str, FileType]:
 #: case-insensitive lookup with a helpful error.
 FILE_TYPES: Mapping[str, FileType] = _file_types()
 
+#: Names users know from Unsloth's ``save_pretrained_gguf``, and the file type each means.
+ALIASES: Mapping[str, str] = types.MappingProxyType(
+    {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m",
+     "q3_k": "q3_k_m"}
+)  # fmt: skip
+
 
 def file_type(name: str | FileType) -> FileType:
     """The :class:`FileType` called ``name`` (any case: ``"Q4_K_M"`` or ``"q4_k_m"``).
 
     Args:
-        name: a file type name, or a :class:`FileType` (returned as is).
+        name: a file type name, one of Unsloth's names in :data:`ALIASES` (``"quantized"``
+            means q4_k_m), or a :class:`FileType` (returned as is).
 
     Raises:
         UnsupportedQuantTypeError: for an unknown name; the message lists the valid ones.
     """
     if isinstance(name, FileType):
         return name
-    found = FILE_TYPES.get(str(name).strip().lower())
+    key = str(name).strip().lower()
+    found = FILE_TYPES.get(ALIASES.get(key, key))
     if found is None:
         raise UnsupportedQuantTypeError(
-            f"Unknown GGUF file type {name!r}. Choose one of: {', '.join(FILE_TYPES)}."
+            f"Unknown GGUF file type {name!r}. Choose one of: {', '.join(FILE_TYPES)} "
+            f"(or Unsloth's names: {', '.join(f'{k}={v}' for k, v in ALIASES.items())})."
         )
     return found
 

@@ -270,6 +270,14 @@ def test_file_type_lookup_ignores_case() -> None:
     assert plan_quantization(_toy_model(), "IQ4_XS", ModelHParams("llama", 4, 4, 1)).file_type == "iq4_xs"
 
 
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [("not_quantized", "f16"), ("fast_quantized", "q8_0"), ("Quantized", "q4_k_m"), ("q4_k", "q4_k_m"), ("Q5_K", "q5_k_m")],
+)
+def test_unsloth_names_are_accepted(alias: str, canonical: str) -> None:
+    assert file_type(alias) is FILE_TYPES[canonical]
+
+
 def test_unknown_file_type_lists_the_valid_ones() -> None:
     with pytest.raises(UnsupportedQuantTypeError) as err:
         file_type("q4_k_xl")
