@@ -28,6 +28,7 @@ import torch
 
 from ..errors import UnexpectedTensorError, UnsupportedArchitectureError
 from .plan import ModelHParams
+from .tokenizer import read_tokenizer_json
 
 if TYPE_CHECKING:
     from ..source import Source
@@ -715,7 +716,7 @@ class Architecture:
                 n = SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).vocab_size()
             return n
         if (folder / "tokenizer.json").is_file():
-            tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            tok = read_tokenizer_json(folder / "tokenizer.json")
             return len(tok["model"]["vocab"]) + len(tok["added_tokens"])
         return None
 

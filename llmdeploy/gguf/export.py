@@ -13,12 +13,10 @@ largest tensor.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import pathlib
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,11 +27,12 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .. import quants
+from .._memory import return_free_heap
 from ..errors import InvalidOptionError, NonFiniteValueError, OutputExistsError
 from ..source import Source, open_source
 from .arch import ExportTensor, architecture_for
 from .plan import FileType, PlanInput, QuantPlan, file_type, plan_quantization
-from .tokenizer import tokenizer_metadata
+from .tokenizer import tokenizer_json_cache, tokenizer_metadata
 from .writer import GGUFFileWriter
 
 _F32, _BF16 = GGMLQuantizationType.F32, GGMLQuantizationType.BF16
@@ -91,10 +90,17 @@ def save_pretrained_gguf(
     file_types = _file_types(quantization)
     source = open_source(model)
     arch = architecture_for(source)
-    tensors = arch.tensors(source)
-    hparams = arch.hparams(source)
-    token_kvs = tokenizer_metadata(source, tokenizer)
-    plans = _plans(tensors, file_types, hparams)
+    # The tokenizer and the architecture (Gemma 3 cuts its embeddings to the vocabulary) both read
+    # tokenizer.json: parse it once. The tokenizer goes first, as it loads (and frees) the Rust
+    # tokenizer before it parses the JSON, so the two large structures never overlap.
+    with tokenizer_json_cache():
+        token_kvs = tokenizer_metadata(source, tokenizer)
+        tensors = arch.tensors(source)
+        plans = _plans(tensors, file_types, arch.hparams(source))
+        model_kvs = [
+            [kv for kv in arch.metadata(source, file_type=int(plan.llama_ftype)) if kv[0] not in _SPLIT_OR_PLAN_KEYS]
+            for plan in plans
+        ]
 
     out_dir = pathlib.Path(save_directory)
     stem = model_name or _model_name(source)
@@ -111,16 +117,15 @@ def save_pretrained_gguf(
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writers = []
-        for ft, plan, path in zip(file_types, plans, paths):
+        for plan, kvs, path in zip(plans, model_kvs, paths):
             writer = stack.enter_context(GGUFFileWriter(path, overwrite=overwrite, max_file_bytes=split))
-            kvs = [kv for kv in arch.metadata(source, file_type=int(plan.llama_ftype)) if kv[0] not in _SPLIT_OR_PLAN_KEYS]
             for key, value, value_type in [*kvs, *token_kvs, *plan.metadata()]:
                 writer.add_metadata(key, value, value_type)
             for tp in plan.tensors:
                 writer.add_tensor(tp.name, tp.shape, tp.type, tp.nbytes)
             writers.append(writer)
-        del token_kvs  # the writers hold the packed bytes
-        _return_free_heap()
+        del token_kvs, model_kvs  # the writers hold the packed bytes
+        return_free_heap()
         bar = _progress(order, progress)
         buffer = _Buffer()
         with _torch_single_threaded():
@@ -134,21 +139,6 @@ def save_pretrained_gguf(
         for plan, path in zip(plans, paths):
             print(f"llmdeploy: wrote {path.name}: {plan.summary()} ({elapsed:.1f} s for the pass)")
     return written
-
-
-def _return_free_heap() -> None:
-    """Hand the C heap's free pages back to the system before the tensor pass.
-
-    Reading a large tokenizer (tokenizer.json of 10-30 MB, parsed into Python objects)
-    leaves a few hundred MB of freed heap that glibc keeps mapped, and resident, for
-    later; the tensor pass does not need it.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        pass
 
 
 @contextlib.contextmanager

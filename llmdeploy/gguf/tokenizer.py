@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterator
 import gguf
 from gguf import GGUFValueType, TokenType
 
+from .._memory import return_free_heap
 from ..errors import MissingFileError, UnsupportedArchitectureError, UnsupportedTokenizerError
 from ._pretokenizers import CHECK_TEXT, PRE_TOKENIZER_BY_HASH
 
@@ -134,7 +135,7 @@ def tokenizer_metadata(source: Any, tokenizer: Any = None) -> list[KV]:
         UnsupportedTokenizerError: A tokenizer llama.cpp cannot tokenize faithfully, e.g. a
             byte-level BPE whose pre-tokenizer it does not know (the message gives its hash).
     """
-    with _converter_folder(source, tokenizer) as folder, _tokenizer_json_read_once():
+    with _converter_folder(source, tokenizer) as folder, tokenizer_json_cache():
         hparams = _hparams(folder, source.config)
         arch = _architecture(hparams)
         set_vocab = _VOCAB_BY_ARCH.get(arch)
@@ -481,14 +482,20 @@ def _merges_of(tokenizer_json: dict[str, Any]) -> list[str]:
     raise UnsupportedTokenizerError("tokenizer.json has merges in an unknown format.")
 
 
-# tokenizer.json, parsed once per tokenizer_metadata call (a 262k-token one takes a second); read-only.
-_TOKENIZER_JSON: contextvars.ContextVar[dict[pathlib.Path, Any] | None] = contextvars.ContextVar(
+# Parsed tokenizer.json files, by content digest, while a tokenizer_json_cache() block runs (a
+# 262k-token one takes a second to parse, and an export reads it from the model folder and from
+# the converter's copy of it); read-only.
+_TOKENIZER_JSON: contextvars.ContextVar[dict[bytes, Any] | None] = contextvars.ContextVar(
     "tokenizer_json", default=None
 )
 
 
 @contextlib.contextmanager
-def _tokenizer_json_read_once() -> Iterator[None]:
+def tokenizer_json_cache() -> Iterator[None]:
+    """Parse each ``tokenizer.json`` (by content) at most once inside this block; nested blocks share it."""
+    if _TOKENIZER_JSON.get() is not None:
+        yield
+        return
     token = _TOKENIZER_JSON.set({})
     try:
         yield
@@ -496,15 +503,21 @@ def _tokenizer_json_read_once() -> Iterator[None]:
         _TOKENIZER_JSON.reset(token)
 
 
+def read_tokenizer_json(path: pathlib.Path) -> Any:
+    """``path`` parsed as JSON (None when it is not a file); cached by content in a :func:`tokenizer_json_cache`."""
+    return _read_json(path)
+
+
 def _read_json(path: pathlib.Path) -> Any:
     if not path.is_file():
         return None
     memo = _TOKENIZER_JSON.get()
     if memo is not None and path.name == "tokenizer.json":
-        if path not in memo:
-            with open(path, encoding="utf-8") as f:
-                memo[path] = json.load(f)
-        return memo[path]
+        data = path.read_bytes()
+        key = sha256(data).digest()
+        if key not in memo:
+            memo[key] = json.loads(data)
+        return memo[key]
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -769,6 +782,10 @@ def _set_bpe(kvs: _KVs, folder: pathlib.Path, hparams: dict[str, Any]) -> None:
                 token_type = TokenType.USER_DEFINED
         tokens.append(text)
         types.append(int(token_type))
+    # The Rust tokenizer of a large vocabulary holds hundreds of MB: give them back before
+    # tokenizer.json is parsed for the merges.
+    del tokenizer, vocab, by_id, added, decoder
+    return_free_heap()
     kvs.string(_K.MODEL, "gpt2")
     kvs.string(_K.PRE, pre)
     kvs.array(_K.LIST, tokens)
