@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,7 @@ for _p in (ROOT, BENCHMARKS):
         sys.path.insert(0, str(_p))
 
 import models as bench_models  # noqa: E402  (benchmarks/models.py)
+from machine import describe as describe_machine  # noqa: E402
 from tests.llamacpp import FTYPES, source_dir  # noqa: E402
 
 DEFAULT_MODELS = ["gemma3-270m", "llama-4L", "llama-23L"]
@@ -187,23 +187,6 @@ def bench_model(model: str, quant: str, threads: int, workdir: pathlib.Path, *, 
     return Result(model, bench_models.weight_bytes(folder) / 1e9, convert, quantize, ours, same, detail)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        mem = f"; {kb / 1024**2:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs{mem}; {platform.system()}; Python {platform.python_version()}"
-
-
 def _yes_no(same: bool | None) -> str:
     return "not checked" if same is None else ("yes" if same else "NO")
 
@@ -254,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the GGUFs are written (default: a temp dir)")
     args = parser.parse_args(argv)  # fmt: skip
 
-    print(f"# {machine()}")
+    print(f"# {describe_machine()}")
     print(f"# {args.quant.upper()}, {args.threads} quantization thread(s); each step in a fresh process, "
           f"fastest of {args.repeat}")  # fmt: skip
     results = []

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,9 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/machine.py
+from machine import describe as describe_machine  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -318,31 +320,6 @@ def bench_model(
 # -- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        mem = f"; {kb / 1024**2:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    versions = subprocess.run(
-        [sys.executable, "-c", "import peft, torch, transformers, safetensors as s; print(f'torch {torch.__version__}, "
-         "transformers {transformers.__version__}, peft {peft.__version__}, safetensors {s.__version__}')"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    return (
-        f"{cpu}; {len(os.sched_getaffinity(0))} CPU cores usable{mem}; {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}; {versions}"
-    )
-
-
 def _phases(p: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in p.items())
 
@@ -404,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = TINY if args.tiny else SHAPE
     layers = args.layers or [layers_for(gb, shape) for gb in args.sizes]
     results = [bench_model(n, args.workdir, args.repeat, args.methods, not args.no_check, shape) for n in layers]
-    print(("" if not args.markdown else "Machine: ") + machine() + "\n")
+    print(("" if not args.markdown else "Machine: ") + describe_machine() + "\n")
     report(results, args.markdown)
     print(f"\n({time.perf_counter() - start:.0f} s in all)")
     if args.json:

@@ -15,16 +15,17 @@ first use).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import pathlib
 import sys
 import time
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from llmdeploy import quants
 from llmdeploy.quants import ggml_reference
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/machine.py
+from machine import describe as describe_machine  # noqa: E402
 
 
 def weights(n_rows: int, n_cols: int, seed: int = 0) -> np.ndarray:
@@ -45,16 +46,6 @@ def best_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     return min(times)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs; Python {platform.python_version()}; numpy {np.__version__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", default=None, help="type names (default: every quantizable type)")
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.types or quants.quantizable_type_names()
     x = weights(args.rows, args.cols)
     n = x.size / 1e6
-    print(f"# {machine()}")
+    print(f"# {describe_machine()}")
     where = f"device {args.device}" if args.device else f"{args.threads} thread(s)"
     print(f"# {args.rows}x{args.cols} float32 values, {where}, backend {args.backend}, best of {args.repeat}")
     if args.markdown:
