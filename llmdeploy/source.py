@@ -27,7 +27,7 @@ from .errors import MissingFileError, NotSupportedYetError, QuantizedCheckpointE
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["Source", "TensorInfo", "open_source"]
+__all__ = ["Source", "TensorInfo", "dtype_name", "open_source", "read_model_config"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -39,6 +39,11 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype ("BF16", "F32", ...)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype))
 
 # Tensor names that only a quantized checkpoint holds: bitsandbytes 4-bit (absmax, quant_map,
 # quant_state...), bitsandbytes 8-bit (SCB, weight_format), GPTQ/AWQ (qweight, qzeros, scales,
@@ -162,7 +167,7 @@ def _open_folder(folder: pathlib.Path) -> Source:
             f"{config_file} not found{hint}: pass a folder that contains config.json (one written by "
             "save_pretrained), or pass the loaded PreTrainedModel object instead"
         )
-    config = _read_config(folder)
+    config = read_model_config(folder)
     shards = _shard_files(folder)
 
     infos: dict[str, TensorInfo] = {}
@@ -231,9 +236,12 @@ class _ShardMaps:
             m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def _read_config(folder: pathlib.Path) -> dict[str, Any]:
-    # What the converter's hparams are: transformers' config with class defaults filled in,
-    # falling back to the raw JSON when transformers cannot build it (remote code, unknown type).
+def read_model_config(folder: pathlib.Path) -> dict[str, Any]:
+    """config.json as the converter's hparams see it.
+
+    transformers' config with class defaults filled in, falling back to the raw JSON when
+    transformers cannot build it (remote code, unknown type).
+    """
     try:
         from transformers import AutoConfig
 
@@ -341,7 +349,7 @@ def _open_model(model: Any) -> Source:
             "(model = model.merge_and_unload()), then export the merged model"
         )
     state = _without_tied(model, state)
-    infos_raw = {k: TensorInfo(tuple(v.shape), _DTYPE_NAMES.get(v.dtype, str(v.dtype))) for k, v in state.items()}
+    infos_raw = {k: TensorInfo(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()}
     _check_not_quantized(infos_raw, config, "the model")
     for k, v in state.items():
         if v.device.type == "meta":
@@ -410,5 +418,5 @@ def _checkpoint_names(model: Any, state: dict[str, torch.Tensor]) -> dict[str, d
     out: dict[str, dict[str, TensorInfo]] = {}
     for key, value in state.items():
         meta = _revert(model, {key: value.detach().to("meta")})
-        out[key] = {n: TensorInfo(tuple(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype))) for n, t in meta.items()}
+        out[key] = {n: TensorInfo(tuple(t.shape), dtype_name(t.dtype)) for n, t in meta.items()}
     return out

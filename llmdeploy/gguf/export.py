@@ -29,6 +29,9 @@ from gguf import GGMLQuantizationType
 from .. import quants
 from .._memory import return_free_heap
 from ..errors import InvalidOptionError, NonFiniteValueError, OutputExistsError
+from ..merge.as_source import merged_source
+from ..merge.memory import is_peft_model
+from ..merge.merge import is_adapter_folder, open_merge
 from ..source import Source, open_source
 from .arch import ExportTensor, architecture_for
 from .plan import FileType, PlanInput, QuantPlan, file_type, plan_quantization
@@ -56,12 +59,17 @@ def save_pretrained_gguf(
     max_file_size: int | str | None = None,
     threads: int | None = None,
     progress: bool = True,
+    base: str | os.PathLike[str] | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[pathlib.Path]:
     """Export a model to GGUF files, one per quantization, reading the model once.
 
     Args:
         model: a folder with an HF checkpoint (``config.json`` + safetensors, sharded or
-            not; bf16, fp16 or fp32) or an in-memory ``transformers.PreTrainedModel``.
+            not; bf16, fp16 or fp32), an in-memory ``transformers.PreTrainedModel``, or a
+            LoRA fine-tune: a ``peft.PeftModel`` or the folder of a saved adapter. A LoRA is
+            merged on the fly, tensor by tensor, exactly as ``save_pretrained_merged`` merges
+            it (no merged copy is written or held).
         save_directory: the folder for the ``.gguf`` files (created if missing).
         tokenizer: an HF tokenizer, when the model folder has no tokenizer files (or to
             override them).
@@ -75,6 +83,9 @@ def save_pretrained_gguf(
             many bytes (an int, or a string such as ``"2GB"``), as llama.cpp's gguf-split does.
         threads: quantization threads (default: every core).
         progress: show a progress bar and one summary line per file.
+        base: for a LoRA: the base model folder to merge onto (see ``save_pretrained_merged``;
+            for an adapter folder the default is its ``base_model_name_or_path``).
+        adapter_names: for a LoRA: the adapters to merge (default: the active ones).
 
     Returns:
         The paths written: one per quantization, or all parts of each when split.
@@ -88,7 +99,24 @@ def save_pretrained_gguf(
             output is left behind).
     """
     file_types = _file_types(quantization)
-    source = open_source(model)
+    with contextlib.ExitStack() as inputs:
+        source = inputs.enter_context(_open_model(model, base, adapter_names))
+        if model_name is None and is_adapter_folder(model):
+            model_name = _safe_name(pathlib.Path(model).resolve().name)
+        return _export(source, save_directory, file_types, tokenizer, model_name, overwrite, max_file_size, threads, progress)
+
+
+def _export(
+    source: Source,
+    save_directory: str | os.PathLike[str],
+    file_types: list[FileType],
+    tokenizer: Any,
+    model_name: str | None,
+    overwrite: bool,
+    max_file_size: int | str | None,
+    threads: int | None,
+    progress: bool,
+) -> list[pathlib.Path]:
     arch = architecture_for(source)
     # The tokenizer and the architecture (Gemma 3 cuts its embeddings to the vocabulary) both read
     # tokenizer.json: parse it once. The tokenizer goes first, as it loads (and frees) the Rust
@@ -178,19 +206,43 @@ class _Buffer:
         return [self._data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def plan_gguf(model: Any, *, quantization: str | Sequence[str] = "q8_0") -> list[QuantPlan]:
+def plan_gguf(
+    model: Any,
+    *,
+    quantization: str | Sequence[str] = "q8_0",
+    base: str | os.PathLike[str] | None = None,
+    adapter_names: Sequence[str] | None = None,
+) -> list[QuantPlan]:
     """The quantization plans ``save_pretrained_gguf`` would follow, without writing anything.
 
     Each plan lists every tensor with its GGUF type and exact byte size, and gives the
     total size and bits per weight (``plan.summary()``, ``plan.table()``).
 
     Args:
-        model: a model folder or an in-memory ``transformers.PreTrainedModel``.
+        model: a model folder, an in-memory ``transformers.PreTrainedModel``, or a LoRA
+            fine-tune (``peft.PeftModel`` or adapter folder), as for ``save_pretrained_gguf``.
         quantization: one file-type name or a list (as for ``save_pretrained_gguf``).
+        base: for a LoRA: the base model folder (as for ``save_pretrained_gguf``).
+        adapter_names: for a LoRA: the adapters to merge.
     """
-    source = open_source(model)
-    arch = architecture_for(source)
-    return _plans(arch.tensors(source), _file_types(quantization), arch.hparams(source))
+    with _open_model(model, base, adapter_names) as source:
+        arch = architecture_for(source)
+        return _plans(arch.tensors(source), _file_types(quantization), arch.hparams(source))
+
+
+@contextlib.contextmanager
+def _open_model(model: Any, base: Any, adapter_names: Sequence[str] | None) -> Iterator[Source]:
+    """The model as a :class:`Source`: a checkpoint, or a LoRA fine-tune merged on the fly."""
+    if is_peft_model(model) or is_adapter_folder(model):
+        with open_merge(model, base=base, adapter_names=adapter_names) as merge:
+            yield merged_source(merge)
+        return
+    if base is not None or adapter_names is not None:
+        raise InvalidOptionError(
+            "base= and adapter_names= apply to a LoRA fine-tune (a peft.PeftModel or an adapter folder with "
+            f"adapter_config.json); {model!r} is a full model: drop them"
+        )
+    yield open_source(model)
 
 
 def _plans(tensors: list[ExportTensor], file_types: list[FileType], hparams: Any) -> list[QuantPlan]:
@@ -281,6 +333,10 @@ def _model_name(source: Source) -> str:
     else:
         name = str(source.config.get("_name_or_path") or source.config.get("model_type") or "model")
         name = name.rstrip("/").rsplit("/", 1)[-1]
+    return _safe_name(name)
+
+
+def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 

@@ -7,6 +7,7 @@ stream (one tensor merged, written, dropped) → commit (temp files renamed into
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from .memory import is_peft_model, local_folder, merge_adapter_names, plan_from_
 from .plan import MergePlan, resolve_dtype
 from .stream import Adapter, BaseFolder, adapter_from_model, load_adapter_folder, plan_from_folders
 
-__all__ = ["SAVE_METHODS", "save_pretrained_merged"]
+__all__ = ["SAVE_METHODS", "PreparedMerge", "is_adapter_folder", "open_merge", "save_pretrained_merged"]
 
 logger = logging.getLogger("llmdeploy")
 
@@ -139,52 +140,106 @@ def save_pretrained_merged(
     if method == "lora":
         return _save_lora(model, out, tokenizer=tokenizer, adapter_names=adapter_names, overwrite=overwrite)
 
+    with open_merge(model, base=base, adapter_names=adapter_names) as merge:
+        fo.check_output_folder(out, overwrite=overwrite, inputs=merge.sources)
+        merge.plan.check_shapes()
+        out_dtype = resolve_dtype(dtype, merge.plan.base_dtype)
+        config = merge.config(out_dtype)
+        gen_json = merge.generation()
+        if merge.plan.untied:
+            logger.warning(
+                "the merged %s differs from the tied %s (trained separately), so both are saved and "
+                "tie_word_embeddings is set to False",
+                ", ".join(merge.plan.untied),
+                ", ".join(sorted(set(merge.plan.untied.values()))),
+            )
+        stale = fo.stale_files(out) + ["generation_config.json"]
+        with fo.Staging(out) as staging:
+            fo.write_shards(staging, list(merge.plan.out_tensors(out_dtype)), max_bytes)
+            staging.write_json("config.json", config)
+            if gen_json is not None:
+                staging.write_json("generation_config.json", gen_json)
+            _stage_tokenizer(staging, tokenizer, merge.sources)
+            staging.commit(remove=stale)
+    return out
+
+
+@dataclasses.dataclass
+class PreparedMerge:
+    """A merge planned and ready to run: what ``save_pretrained_merged`` writes, before it is written.
+
+    Attributes:
+        plan: every output tensor with its base tensor and adapter terms.
+        sources: the input folders, in the order their tokenizer files are preferred (adapter
+            folders, then the base folder or the in-memory base model's folder).
+        base_folder: the base checkpoint when the base weights are read from a folder.
+        inner: the in-memory transformers model when they are read from it.
+    """
+
+    plan: MergePlan
+    sources: list[pathlib.Path]
+    base_folder: BaseFolder | None = None
+    inner: Any = None
+
+    def config(self, dtype: torch.dtype) -> dict[str, Any]:
+        """config.json of the merged model (no quantization_config; vocabulary and ties as merged)."""
+        if self.base_folder is not None:
+            return _config_from_dict(self.base_folder.config, dtype, self.plan)
+        return _config_from_model(self.inner, dtype, self.plan)
+
+    def generation(self) -> dict[str, Any] | None:
+        """generation_config.json of the merged model, if the base has one."""
+        if self.base_folder is not None:
+            path = self.base_folder.folder / "generation_config.json"
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return _generation_from_model(self.inner)
+
+    def close(self) -> None:
+        if self.base_folder is not None:
+            self.base_folder.close()
+
+    def __enter__(self) -> PreparedMerge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_adapter_folder(model: Any) -> bool:
+    """Whether ``model`` is the path of a saved PEFT adapter (a folder with ``adapter_config.json``)."""
+    return isinstance(model, (str, os.PathLike)) and (pathlib.Path(model) / "adapter_config.json").is_file()
+
+
+def open_merge(
+    model: Any, *, base: str | os.PathLike[str] | None = None, adapter_names: Sequence[str] | None = None
+) -> PreparedMerge:
+    """Plan the merge of ``model`` (a ``peft.PeftModel`` or a saved adapter folder); see ``save_pretrained_merged``.
+
+    The result holds memory maps of the base checkpoint when it reads one: close it (or use it
+    as a context manager).
+    """
     base_folder: BaseFolder | None = None
     try:
-        if in_memory:
+        if is_peft_model(model):
             names = merge_adapter_names(model, adapter_names)
             inner = model.get_base_model()
             if base is not None:
                 base_folder = BaseFolder.open(pathlib.Path(base))
                 plan = plan_from_folders([adapter_from_model(model, n) for n in names], base_folder)
+                inner = None
             else:
                 plan, inner = plan_from_model(model, names)
-            sources = [p for p in (base_folder.folder if base_folder else None, local_folder(inner)) if p]
-        else:
-            adapters = _adapter_folders(pathlib.Path(model), adapter_names)
-            base_folder = BaseFolder.open(_base_path(adapters[0], base))
-            plan = plan_from_folders(adapters, base_folder)
-            sources = [*(a.folder for a in adapters if a.folder), base_folder.folder]
-        fo.check_output_folder(out, overwrite=overwrite, inputs=sources)
-        plan.check_shapes()
-        out_dtype = resolve_dtype(dtype, plan.base_dtype)
-
-        if base_folder is not None:
-            config = _config_from_dict(base_folder.config, out_dtype, plan)
-            generation = base_folder.folder / "generation_config.json"
-            gen_json = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None
-        else:
-            config = _config_from_model(inner, out_dtype, plan)
-            gen_json = _generation_from_model(inner)
-        if plan.untied:
-            logger.warning(
-                "the merged %s differs from the tied %s (trained separately), so both are saved and "
-                "tie_word_embeddings is set to False",
-                ", ".join(plan.untied),
-                ", ".join(sorted(set(plan.untied.values()))),
-            )
-        stale = fo.stale_files(out) + ["generation_config.json"]
-        with fo.Staging(out) as staging:
-            fo.write_shards(staging, list(plan.out_tensors(out_dtype)), max_bytes)
-            staging.write_json("config.json", config)
-            if gen_json is not None:
-                staging.write_json("generation_config.json", gen_json)
-            _stage_tokenizer(staging, tokenizer, sources)
-            staging.commit(remove=stale)
-    finally:
+            folders = [base_folder.folder if base_folder else None, local_folder(model.get_base_model())]
+            return PreparedMerge(plan, [p for p in folders if p], base_folder, inner)
+        adapters = _adapter_folders(pathlib.Path(model), adapter_names)
+        base_folder = BaseFolder.open(_base_path(adapters[0], base))
+        plan = plan_from_folders(adapters, base_folder)
+        sources = [*(a.folder for a in adapters if a.folder), base_folder.folder]
+        return PreparedMerge(plan, sources, base_folder)
+    except BaseException:
         if base_folder is not None:
             base_folder.close()
-    return out
+        raise
 
 
 # -- sources ---------------------------------------------------------------------------------------
