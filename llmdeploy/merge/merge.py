@@ -25,7 +25,7 @@ from .memory import is_peft_model, local_folder, merge_adapter_names, plan_from_
 from .plan import MergePlan, resolve_dtype
 from .stream import Adapter, BaseFolder, adapter_from_model, load_adapter_folder, plan_from_folders
 
-__all__ = ["SAVE_METHODS", "PreparedMerge", "is_adapter_folder", "open_merge", "save_pretrained_merged"]
+__all__ = ["SAVE_METHODS", "PreparedMerge", "check_save_method", "is_adapter_folder", "open_merge", "save_pretrained_merged"]
 
 logger = logging.getLogger("llmdeploy")
 
@@ -49,7 +49,8 @@ _ALIASES = {"merged_4bit_forced": "merged_4bit", "forced_merged_4bit": "merged_4
             "torchao_int8": "torchao", "fp8_static": "fp8", "nvfp4": "fp8", "int4": "fp8", "w4a16": "fp8"}  # fmt: skip
 
 
-def _check_save_method(save_method: str) -> str:
+def check_save_method(save_method: str) -> str:
+    """``save_method`` if it is one of :data:`SAVE_METHODS`; else an error that says what was meant."""
     if save_method in SAVE_METHODS:
         return save_method
     valid = "valid: 'merged_16bit' (the default: LoRA merged into 16-bit weights) and 'lora' (the adapter alone)"
@@ -127,7 +128,7 @@ def save_pretrained_merged(
         NonFiniteValueError: the merge gives NaN/Inf (names the module; nothing written).
         MissingFileError: the adapter or base folder is incomplete.
     """
-    method = _check_save_method(save_method)
+    method = check_save_method(save_method)
     out = pathlib.Path(save_directory)
     max_bytes = fo.parse_shard_size(max_shard_size)
     in_memory = is_peft_model(model)
