@@ -106,11 +106,15 @@ def plan_from_model(model: Any, adapter_names: Sequence[str] | None = None) -> t
     """The merge plan of an in-memory PEFT model, and its transformers model (for the config).
 
     Args:
-        model: a ``peft.PeftModel`` wrapping a transformers model, with LoRA adapters.
+        model: a ``peft.PeftModel`` wrapping a transformers model, with LoRA adapters; or a
+            transformers model (no adapter: the plan writes its weights as they are).
         adapter_names: the adapters to merge, in order; default: the active ones.
     """
-    names = merge_adapter_names(model, adapter_names)
-    inner = model.get_base_model()
+    if is_peft_model(model):
+        names = merge_adapter_names(model, adapter_names)
+        inner = model.get_base_model()
+    else:  # a full fine-tune: nothing to merge, its weights are written as they are (4-bit ones dequantized)
+        names, inner = [], model
     walker = _Walker(names)
     entries: list[Entry] = []
     for name, tensor, terms, module in walker.walk(inner, ""):

@@ -25,7 +25,7 @@ from .memory import is_peft_model, local_folder, merge_adapter_names, plan_from_
 from .plan import MergePlan, resolve_dtype
 from .stream import Adapter, BaseFolder, adapter_from_model, load_adapter_folder, plan_from_folders
 
-__all__ = ["SAVE_METHODS", "PreparedMerge", "check_save_method", "is_adapter_folder", "open_merge", "save_pretrained_merged"]
+__all__ = ["SAVE_METHODS", "PreparedMerge", "check_save_method", "is_adapter_folder", "is_transformers_model", "open_merge", "save_pretrained_merged"]
 
 logger = logging.getLogger("llmdeploy")
 
@@ -95,7 +95,9 @@ def save_pretrained_merged(
 
     Args:
         model: a ``peft.PeftModel`` with LoRA adapter(s), or the folder of a saved LoRA adapter
-            (``adapter_config.json`` + ``adapter_model.safetensors``).
+            (``adapter_config.json`` + ``adapter_model.safetensors``). A transformers model (a full
+            fine-tune) has nothing to merge: its weights are saved in the 16-bit dtype, bitsandbytes
+            4-bit ones dequantized.
         save_directory: the output folder; it must be new or empty unless ``overwrite``.
         tokenizer: a tokenizer or processor to save with the model; by default the tokenizer files
             are copied from the adapter folder, else from the base model's folder.
@@ -131,14 +133,18 @@ def save_pretrained_merged(
     method = check_save_method(save_method)
     out = pathlib.Path(save_directory)
     max_bytes = fo.parse_shard_size(max_shard_size)
-    in_memory = is_peft_model(model)
-    if not in_memory and not isinstance(model, (str, os.PathLike)):
+    if not (is_peft_model(model) or is_transformers_model(model) or isinstance(model, (str, os.PathLike))):
         raise TypeError(
-            f"save_pretrained_merged() takes a peft.PeftModel or the folder of a saved LoRA adapter, not "
-            f"{type(model).__name__}; wrap a transformers model with peft.get_peft_model() / PeftModel.from_pretrained()"
+            f"save_pretrained_merged() takes a peft.PeftModel, a transformers model or the folder of a saved LoRA "
+            f"adapter, not {type(model).__name__}"
         )
 
     if method == "lora":
+        if not is_peft_model(model) and not isinstance(model, (str, os.PathLike)):
+            raise InvalidOptionError(
+                f"save_method='lora' saves a LoRA adapter, and this {type(model).__name__} has none (a full "
+                "fine-tune); use save_method='merged_16bit'"
+            )
         return _save_lora(model, out, tokenizer=tokenizer, adapter_names=adapter_names, overwrite=overwrite)
 
     with open_merge(model, base=base, adapter_names=adapter_names) as merge:
@@ -206,6 +212,15 @@ class PreparedMerge:
         self.close()
 
 
+def is_transformers_model(model: Any) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (not wrapped by PEFT)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def is_adapter_folder(model: Any) -> bool:
     """Whether ``model`` is the path of a saved PEFT adapter (a folder with ``adapter_config.json``)."""
     return isinstance(model, (str, os.PathLike)) and (pathlib.Path(model) / "adapter_config.json").is_file()
@@ -214,13 +229,22 @@ def is_adapter_folder(model: Any) -> bool:
 def open_merge(
     model: Any, *, base: str | os.PathLike[str] | None = None, adapter_names: Sequence[str] | None = None
 ) -> PreparedMerge:
-    """Plan the merge of ``model`` (a ``peft.PeftModel`` or a saved adapter folder); see ``save_pretrained_merged``.
+    """Plan the merge of ``model`` (a ``peft.PeftModel``, a saved adapter folder, or a transformers model with
+    nothing to merge); see ``save_pretrained_merged``.
 
     The result holds memory maps of the base checkpoint when it reads one: close it (or use it
     as a context manager).
     """
     base_folder: BaseFolder | None = None
     try:
+        if is_transformers_model(model):
+            if base is not None or adapter_names is not None:
+                raise InvalidOptionError(
+                    f"base= and adapter_names= apply to a LoRA fine-tune; this {type(model).__name__} has no adapter "
+                    "(a full fine-tune): drop them"
+                )
+            plan, inner = plan_from_model(model)
+            return PreparedMerge(plan, [p for p in [local_folder(inner)] if p], None, inner)
         if is_peft_model(model):
             names = merge_adapter_names(model, adapter_names)
             inner = model.get_base_model()

@@ -264,8 +264,13 @@ def test_already_merged_adapter(tmp_path):
         save_pretrained_merged(pm, tmp_path / "out")
 
 
-def test_not_a_peft_model(tmp_path):
-    with pytest.raises(
-        TypeError, match="takes a peft.PeftModel or the folder of a saved LoRA adapter, not LlamaForCausalLM"
-    ):
-        save_pretrained_merged(load(base()), tmp_path / "out")
+def test_not_a_model(tmp_path):
+    with pytest.raises(TypeError, match="takes a peft.PeftModel, a transformers model .* not dict"):
+        save_pretrained_merged({"weight": 1}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_method_on_a_full_model(tmp_path):
+    with pytest.raises(InvalidOptionError, match="has none .* use save_method='merged_16bit'"):
+        save_pretrained_merged(load(base()), tmp_path / "out", save_method="lora")
+    assert not (tmp_path / "out").exists()

@@ -261,3 +261,18 @@ def test_save_method_lora_writes_the_adapter(tmp_path):
     torch.testing.assert_close(logits(again), logits(pm), rtol=0, atol=0)
     copy = _merge(str(out), tmp_path, "copy", save_method="lora")
     assert (copy / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_full_fine_tune_is_saved_as_its_16bit_weights(tmp_path):
+    """A transformers model without adapter (a full fine-tune): the folder holds its weights, rounded
+    once to bf16, and loads to the same logits as transformers' own save_pretrained of the bf16 model."""
+    model = load(base())  # float32 in memory
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.01)  # "fine-tuned": differs from the base folder
+    out = _merge(model, tmp_path)
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}  # untied head: all saved
+    _check_equal_to_peft(read(out), expected, torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = tmp_path / "ref"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(ref))
+    assert torch.equal(logits(load(out)), logits(load(ref)))
