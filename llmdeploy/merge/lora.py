@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "DoraTerm",
+    "ExpertLoraTerm",
     "LoraBiasTerm",
     "LoraTerm",
     "Term",
@@ -35,6 +36,7 @@ __all__ = [
     "compute_dtype",
     "dora_merge",
     "embedding_delta",
+    "expert_lora_delta",
     "lora_bias_merge",
     "lora_delta",
     "lora_scaling",
@@ -114,6 +116,38 @@ def lora_delta(
         ΔW in the compute dtype, shaped as the base weight.
     """
     return _scaled_product(lora_B, lora_A, scaling, fan_in_fan_out, out)
+
+
+def expert_lora_delta(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    num_experts: int,
+    out_first: bool,
+) -> torch.Tensor:
+    """ΔW of a LoRA on a stacked-experts parameter (PEFT ``ParamWrapper.get_delta_weight``, ``target_parameters``).
+
+    PEFT keeps one ``nn.Linear`` pair for all experts: ``lora_A`` ``(E·r, in)`` holds expert ``e``'s
+    ``A`` in rows ``e·r .. e·r+r-1``, and ``lora_B`` ``(out, r·E)`` holds its ``B`` in columns ``e, e+E,
+    e+2E, ...`` (rank-major, expert-minor). For each expert ``ΔW_e = scaling · (B_e @ A_e)``.
+
+    Args:
+        lora_A: ``(num_experts * r, in)``.
+        lora_B: ``(out, r * num_experts)``.
+        scaling: see :func:`lora_scaling`.
+        num_experts: the leading size of the stacked parameter.
+        out_first: the parameter is stored ``(experts, out, in)``; else ``(experts, in, out)``.
+
+    Returns:
+        ΔW ``(experts, out, in)`` or ``(experts, in, out)``, in the compute dtype.
+    """
+    ct = compute_dtype(lora_A.dtype)
+    a = lora_A.to(ct).reshape(num_experts, -1, lora_A.shape[-1])  # (E, r, in)
+    b = lora_B.to(ct).reshape(lora_B.shape[0], -1, num_experts)  # (out, r, E)
+    # the same contraction as PEFT's einsum (a batched matmul over the rank), then the scaling
+    pattern = "o r e, e r i -> e o i" if out_first else "o r e, e r i -> e i o"
+    return torch.einsum(pattern, b, a) * scaling
 
 
 def embedding_delta(
@@ -255,6 +289,42 @@ class LoraTerm(Term):
     @property
     def key(self) -> Hashable:
         return (self.kind, id(self.lora_A), id(self.lora_B), self.scaling, self.fan_in_fan_out, self.embedding)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertLoraTerm(Term):
+    """``W + ΔW`` for a LoRA on a stacked-experts parameter (see :func:`expert_lora_delta`)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    num_experts: int
+    out_first: bool
+    kind = "expert_lora"
+
+    def expected_shape(self) -> tuple[int, ...]:
+        out, n_in = self.lora_B.shape[0], self.lora_A.shape[1]
+        return (self.num_experts, out, n_in) if self.out_first else (self.num_experts, n_in, out)
+
+    def problem(self, shape: tuple[int, ...]) -> str | None:
+        a, b = _shape(self.lora_A), _shape(self.lora_B)
+        if self.lora_A.ndim != 2 or self.lora_B.ndim != 2:
+            return f"lora_A {a} and lora_B {b} must be matrices"
+        if self.lora_A.shape[0] % self.num_experts or self.lora_B.shape[1] != self.lora_A.shape[0]:
+            return f"lora_A {a} and lora_B {b} do not hold a rank-r pair for each of {self.num_experts} experts"
+        if tuple(shape) != self.expected_shape():
+            return f"lora_A {a} and lora_B {b} give a {self.expected_shape()} update for a parameter of shape {shape}"
+        return None
+
+    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        delta = expert_lora_delta(
+            self.lora_A, self.lora_B, self.scaling, num_experts=self.num_experts, out_first=self.out_first
+        )
+        return weight + delta
+
+    @property
+    def key(self) -> Hashable:
+        return (self.kind, id(self.lora_A), id(self.lora_B), self.scaling, self.num_experts, self.out_first)
 
 
 @dataclass(frozen=True, eq=False)

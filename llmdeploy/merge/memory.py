@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidOptionError, NotSupportedYetError, UnmergedAdapterError, UnsupportedAdapterError
+from ..errors import AdapterShapeError, InvalidOptionError, NotSupportedYetError, UnmergedAdapterError, UnsupportedAdapterError
 from .bnb import Quant4bit, dequantize_4bit
-from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm
+from .lora import DoraTerm, ExpertLoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, apply_terms
 from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
 
 __all__ = ["is_peft_model", "merge_adapter_names", "plan_from_model"]
@@ -48,12 +48,14 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def check_adapter_config(name: str, config: Any) -> None:
+def check_adapter_config(name: str, config: Any, *, in_memory: bool = False) -> None:
     """Raise for a non-LoRA adapter or a LoRA variant that cannot be merged.
 
     Args:
         name: the adapter's name (or folder), named in the message.
         config: a ``PeftConfig`` or the dict of ``adapter_config.json``.
+        in_memory: the adapter is merged from an in-memory PEFT model (which can merge LoRAs on
+            parameters: ``target_parameters``), not from its saved tensors onto a base folder.
     """
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     peft_type = get("peft_type")
@@ -69,10 +71,12 @@ def check_adapter_config(name: str, config: Any) -> None:
                 f"adapter {name!r} uses {what} ({key}={get(key)!r}), which llmdeploy cannot merge yet; it merges "
                 f"{SUPPORTED}. Merge with PEFT's merge_and_unload() instead"
             )
-    if get("target_parameters"):
+    if get("target_parameters") and not in_memory:
         raise NotSupportedYetError(
             f"adapter {name!r} targets parameters directly (target_parameters={get('target_parameters')!r}, "
-            "e.g. MoE experts); merging those is not supported yet. Merge with PEFT's merge_and_unload() instead"
+            "e.g. MoE experts), which are stored fused in memory and split in the checkpoint; llmdeploy merges those "
+            "from the in-memory model only. Load it (model = PeftModel.from_pretrained(base_model, adapter_dir)) and "
+            "call save_pretrained_merged(model, ...) without base="
         )
     if get("layer_replication"):
         raise NotSupportedYetError(
@@ -98,7 +102,7 @@ def merge_adapter_names(model: Any, adapter_names: Sequence[str] | None) -> list
     if not names:
         raise InvalidOptionError(f"no adapter to merge: none is active; pass adapter_names= (one of {available})")
     for n in names:
-        check_adapter_config(n, model.peft_config[n])
+        check_adapter_config(n, model.peft_config[n], in_memory=True)
     return names
 
 
@@ -179,6 +183,7 @@ class _Walker:
         from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
         self.Linear, self.Embedding, self.LoraLayer = lora_layer.Linear, lora_layer.Embedding, lora_layer.LoraLayer
+        self.ParamWrapper = getattr(lora_layer, "ParamWrapper", None)  # target_parameters (MoE experts), peft>=0.17
         self.BaseTunerLayer = BaseTunerLayer
         self.ModulesToSave, self.TrainableTokens = ModulesToSaveWrapper, TrainableTokensWrapper
 
@@ -225,6 +230,9 @@ class _Walker:
                 yield f"{prefix}{n}", b, (), prefix[:-1]
 
     def _lora(self, module: Any, prefix: str) -> Any:
+        if self.ParamWrapper is not None and type(module) is self.ParamWrapper:
+            yield from self._param_lora(module, prefix)
+            return
         path = prefix[:-1]
         kind = type(module).__name__
         four_bit = kind == "Linear4bit" and type(module).__module__.startswith("peft.")
@@ -287,6 +295,32 @@ class _Walker:
             extra = weight_terms if n == f"{prefix}weight" else bias_terms if n == f"{prefix}bias" else []
             yield n, tensor, (*terms, *extra), mod
 
+    def _param_lora(self, module: Any, prefix: str) -> Any:
+        """A LoRA on one parameter (``target_parameters``): stacked MoE experts, or a 2-D weight."""
+        path = prefix[:-1]
+        self.merged.add(id(module))
+        if module.merged_adapters:
+            raise InvalidOptionError(
+                f"module {path!r} already has adapters {module.merged_adapters} merged into its weights "
+                "(merge_adapter() was called); call model.unmerge_adapter() first, then save"
+            )
+        terms: list[Term] = []
+        for ad in self.adapters:
+            if ad not in module.lora_A:
+                continue
+            A, B, scaling = module.lora_A[ad].weight, module.lora_B[ad].weight, float(module.scaling[ad])
+            if module.num_experts == 1:  # a 2-D parameter: an ordinary Linear LoRA on it
+                terms.append(LoraTerm(A, B, scaling))
+            else:
+                terms.append(ExpertLoraTerm(A, B, scaling, module.num_experts, bool(module._did_swap_in_out_features)))
+        if terms:
+            self.lora_modules += 1
+        target = f"{prefix}{module.parameter_name}"
+        # the wrapped module holds the parameter, or is another ParamWrapper (a second parameter of the same
+        # module): base_layer, not get_base_layer(), which would skip straight past it
+        for n, tensor, inner_terms, mod in self.walk(module.base_layer, prefix):
+            yield n, tensor, (*inner_terms, *(terms if n == target else ())), mod
+
     def _trainable_tokens(self, module: Any, prefix: str) -> Any:
         layer = module.token_adapter
         terms: list[Term] = []
@@ -334,24 +368,28 @@ def _entries(
     if list(names) == [name]:
         load: Callable[[], torch.Tensor] = lambda: t.to("cpu")
         return [Entry(name, module, tuple(t.shape), t.dtype, load, tuple(terms), source=("mem", id(tensor)))]
-    if terms:
-        raise NotSupportedYetError(
-            f"tensor {name!r} is stored as {list(names)} in the checkpoint and has LoRA terms; merging a LoRA into a "
-            "fused weight is not supported yet"
-        )
+    # A parameter that transformers fuses in memory (MoE experts stacked into one 3-D tensor) and
+    # splits on save. Its LoRA terms act on the fused tensor: they are applied to it (in float32),
+    # and the merged result is split as save_pretrained splits it; each piece is then rounded once.
     cache: dict[str, torch.Tensor] = {}
+    term_keys = tuple(term.key for term in terms)
 
     def piece(out: str) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
             if out not in cache:
                 cache.clear()
-                cache.update(_revert(inner, {name: t.to("cpu")}))
+                with torch.no_grad():
+                    fused = apply_terms(t.to("cpu"), terms) if terms else t.to("cpu")
+                cache.update(_revert(inner, {name: fused}))
             return cache.pop(out)
 
         return load
 
+    for term in terms:  # checked here: the pieces carry no terms for MergePlan.check_shapes to see
+        if bad := term.problem(tuple(t.shape)):
+            raise AdapterShapeError(f"the adapter does not fit the base model at {name!r} (module {module!r}): {bad}")
     return [
-        Entry(out, module, tuple(m.shape), m.dtype, piece(out), (), source=("mem", id(tensor), out))
+        Entry(out, module, tuple(m.shape), m.dtype, piece(out), (), source=("mem", id(tensor), out, term_keys))
         for out, m in names.items()
     ]
 

@@ -95,3 +95,14 @@ def test_base_on_a_full_model_is_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(InvalidOptionError, match="base="):
         save_pretrained_gguf(base("LlamaForCausalLM"), tmp_path, base=base("LlamaForCausalLM"), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_moe_expert_lora_exports_like_its_merged_folder(tmp_path: pathlib.Path) -> None:
+    """LoRA on the stacked experts (target_parameters): merged on the fused tensor, split, stacked again for GGUF."""
+    # llama.cpp converts Qwen3-MoE with a BPE vocabulary only: Qwen's real one
+    model = load(base("Qwen3MoeForCausalLM", tokenizer="qwen2"), torch.bfloat16)
+    pm = lora(model, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    merged = save_pretrained_merged(pm, tmp_path / "merged")
+    (expected,) = save_pretrained_gguf(merged, tmp_path / "two-step", quantization="q8_0", progress=False)
+    (ours,) = save_pretrained_gguf(pm, tmp_path / "one-pass", quantization="q8_0", progress=False)
+    assert _tensors(ours) == _tensors(expected)

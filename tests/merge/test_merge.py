@@ -276,3 +276,38 @@ def test_full_fine_tune_is_saved_as_its_16bit_weights(tmp_path):
     ref = tmp_path / "ref"
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(ref))
     assert torch.equal(logits(load(out)), logits(load(ref)))
+
+
+# transformers 5 stacks MoE experts into one parameter per projection in memory (split again on
+# save); PEFT trains them with target_parameters. (Mixtral's experts sit under
+# block_sparse_moe or mlp depending on the transformers version: the name is looked up.)
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_moe_expert_lora_equals_peft(arch, tmp_path):
+    model = load(base(arch))
+    params = sorted({n.split("layers.0.", 1)[1] for n, p in model.named_parameters() if p.ndim == 3 and "layers.0." in n})
+    assert params, "no stacked expert parameters: the test needs transformers 5"
+    pm = lora(model, target_modules=["q_proj"], target_parameters=params, r=4)
+    ref_dir = tmp_path / "peft"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copy.deepcopy(pm).merge_and_unload().save_pretrained(str(ref_dir))
+    ref = read(ref_dir)
+    # float32: PEFT's float32 merge bit for bit
+    _check_equal_to_peft(read(_merge(pm, tmp_path, "f32", dtype="float32")), ref, torch.float32)
+    # bf16: PEFT's float32 merge rounded once; and the experts did change
+    _check_equal_to_peft(read(_merge(pm, tmp_path, "bf16")), ref, torch.bfloat16)
+    before = read(base(arch))
+    changed = [k for k in before if ".experts." in k and not torch.equal(before[k], ref[k].to(torch.bfloat16))]
+    assert len(changed) == len([k for k in before if ".experts." in k])
+    torch.testing.assert_close(logits(load(tmp_path / "f32")), logits(pm), rtol=1e-4, atol=1e-4)
+
+
+def test_moe_expert_lora_from_a_folder_says_how_to_merge_it(tmp_path):
+    from llmdeploy.errors import NotSupportedYetError
+
+    model = load(base("Qwen3MoeForCausalLM"))
+    pm = lora(model, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"], r=4)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(NotSupportedYetError, match=r"PeftModel.from_pretrained\(base_model, adapter_dir\)"):
+        save_pretrained_merged(tmp_path / "adapter", tmp_path / "out", base=base("Qwen3MoeForCausalLM"))
+    assert not (tmp_path / "out").exists()
