@@ -100,7 +100,7 @@ def save_pretrained_gguf(
     """
     file_types = _file_types(quantization)
     with contextlib.ExitStack() as inputs:
-        source = inputs.enter_context(_open_model(model, base, adapter_names))
+        source = inputs.enter_context(open_model(model, base, adapter_names))
         if model_name is None and is_adapter_folder(model):
             model_name = _safe_name(pathlib.Path(model).resolve().name)
         return _export(source, save_directory, file_types, tokenizer, model_name, overwrite, max_file_size, threads, progress)
@@ -124,7 +124,7 @@ def _export(
     with tokenizer_json_cache():
         token_kvs = tokenizer_metadata(source, tokenizer)
         tensors = arch.tensors(source)
-        plans = _plans(tensors, file_types, arch.hparams(source))
+        plans = quant_plans(tensors, file_types, arch.hparams(source))
         model_kvs = [
             [kv for kv in arch.metadata(source, file_type=int(plan.llama_ftype)) if kv[0] not in _SPLIT_OR_PLAN_KEYS]
             for plan in plans
@@ -225,14 +225,14 @@ def plan_gguf(
         base: for a LoRA: the base model folder (as for ``save_pretrained_gguf``).
         adapter_names: for a LoRA: the adapters to merge.
     """
-    with _open_model(model, base, adapter_names) as source:
+    with open_model(model, base, adapter_names) as source:
         arch = architecture_for(source)
-        return _plans(arch.tensors(source), _file_types(quantization), arch.hparams(source))
+        return quant_plans(arch.tensors(source), _file_types(quantization), arch.hparams(source))
 
 
 @contextlib.contextmanager
-def _open_model(model: Any, base: Any, adapter_names: Sequence[str] | None) -> Iterator[Source]:
-    """The model as a :class:`Source`: a checkpoint, or a LoRA fine-tune merged on the fly."""
+def open_model(model: Any, base: Any = None, adapter_names: Sequence[str] | None = None) -> Iterator[Source]:
+    """The model as a :class:`Source`: a checkpoint, or a LoRA fine-tune merged on the fly (a context manager)."""
     if is_peft_model(model) or is_adapter_folder(model):
         with open_merge(model, base=base, adapter_names=adapter_names) as merge:
             yield merged_source(merge)
@@ -245,7 +245,8 @@ def _open_model(model: Any, base: Any, adapter_names: Sequence[str] | None) -> I
     yield open_source(model)
 
 
-def _plans(tensors: list[ExportTensor], file_types: list[FileType], hparams: Any) -> list[QuantPlan]:
+def quant_plans(tensors: list[ExportTensor], file_types: list[FileType], hparams: Any) -> list[QuantPlan]:
+    """llama-quantize's plan of each file type for the tensors the converter would write (bf16, or f32 where kept)."""
     inputs = [PlanInput(t.name, t.shape, _F32 if t.keep_f32 else _BF16) for t in tensors]
     return [plan_quantization(inputs, ft, hparams) for ft in file_types]
 
