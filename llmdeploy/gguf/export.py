@@ -13,6 +13,7 @@ largest tensor.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import pathlib
@@ -135,8 +136,11 @@ def _export(
     paths = [out_dir / f"{stem}-{ft.name.upper()}.gguf" for ft in file_types]
     if not overwrite:
         for path in paths:
-            if path.exists():
-                raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it.")
+            # split output is named <stem>-0000i-of-0000N.gguf: any such part of an earlier export counts
+            parts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-[0-9][0-9][0-9][0-9][0-9]-of-*.gguf"))
+            existing = ([path] if path.exists() else []) + parts
+            if existing:
+                raise OutputExistsError(f"{existing[0]} exists; pass overwrite=True to replace it.")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     by_name = {t.name: t for t in tensors}

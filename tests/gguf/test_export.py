@@ -238,6 +238,15 @@ def test_existing_output_is_refused_before_any_work(tmp_path: pathlib.Path) -> N
     save_pretrained_gguf(folder, tmp_path, quantization="q8_0", overwrite=True, progress=False)
 
 
+def test_existing_split_parts_are_refused_before_any_work(tmp_path: pathlib.Path) -> None:
+    folder = _folder("LlamaForCausalLM")
+    parts = save_pretrained_gguf(folder, tmp_path, quantization="f32", max_file_size=1_000_000, progress=False)
+    assert len(parts) > 1
+    for max_size in (1_000_000, None):  # split again, or not: an earlier split export is in the way either way
+        with pytest.raises(errors.OutputExistsError, match=f"{parts[0].name} exists; pass overwrite=True"):
+            save_pretrained_gguf(folder, tmp_path, quantization="f32", max_file_size=max_size, progress=False)
+
+
 def test_nan_weight_names_the_tensor_and_leaves_nothing(tmp_path: pathlib.Path) -> None:
     from transformers import AutoModelForCausalLM
 
