@@ -33,6 +33,7 @@ from ..errors import InvalidOptionError, NonFiniteValueError, OutputExistsError
 from ..merge.as_source import merged_source
 from ..merge.memory import is_peft_model
 from ..merge.merge import is_adapter_folder, open_merge
+from ..ollama import Modelfile, modelfile_for, save_modelfile
 from ..source import Source, open_source
 from .arch import ExportTensor, architecture_for
 from .plan import FileType, PlanInput, QuantPlan, file_type, plan_quantization
@@ -62,6 +63,7 @@ def save_pretrained_gguf(
     progress: bool = True,
     base: str | os.PathLike[str] | None = None,
     adapter_names: Sequence[str] | None = None,
+    modelfile: bool = True,
 ) -> list[pathlib.Path]:
     """Export a model to GGUF files, one per quantization, reading the model once.
 
@@ -87,9 +89,14 @@ def save_pretrained_gguf(
         base: for a LoRA: the base model folder to merge onto (see ``save_pretrained_merged``;
             for an adapter folder the default is its ``base_model_name_or_path``).
         adapter_names: for a LoRA: the adapters to merge (default: the active ones).
+        modelfile: also write an Ollama ``Modelfile`` beside the file (``Modelfile``, or
+            ``Modelfile-<QUANT>`` for each of several quantizations): ``FROM`` the file, the chat
+            template in Ollama's syntax when its family is recognised, and the stop tokens (see
+            :mod:`llmdeploy.ollama`). Not for split output, which Ollama cannot import.
 
     Returns:
-        The paths written: one per quantization, or all parts of each when split.
+        The GGUF paths written: one per quantization, or all parts of each when split (the
+        Modelfiles are beside them).
 
     Raises:
         UnsupportedArchitectureError, MissingFileError, QuantizedCheckpointError,
@@ -104,7 +111,10 @@ def save_pretrained_gguf(
         source = inputs.enter_context(open_model(model, base, adapter_names))
         if model_name is None and is_adapter_folder(model):
             model_name = _safe_name(pathlib.Path(model).resolve().name)
-        return _export(source, save_directory, file_types, tokenizer, model_name, overwrite, max_file_size, threads, progress)
+        return _export(
+            source, save_directory, file_types, tokenizer, model_name, overwrite, max_file_size, threads, progress,
+            modelfile,
+        )  # fmt: skip
 
 
 def _export(
@@ -117,6 +127,7 @@ def _export(
     max_file_size: int | str | None,
     threads: int | None,
     progress: bool,
+    modelfile: bool,
 ) -> list[pathlib.Path]:
     arch = architecture_for(source)
     # The tokenizer and the architecture (Gemma 3 cuts its embeddings to the vocabulary) both read
@@ -134,7 +145,12 @@ def _export(
     out_dir = pathlib.Path(save_directory)
     stem = model_name or _model_name(source)
     paths = [out_dir / f"{stem}-{ft.name.upper()}.gguf" for ft in file_types]
+    split = _parse_size(max_file_size) if max_file_size is not None else None
+    modelfiles = _modelfiles(paths, file_types, token_kvs) if modelfile and split is None else []
     if not overwrite:
+        for target, _ in modelfiles:
+            if target.exists():
+                raise OutputExistsError(f"{target} exists; pass overwrite=True to replace it (or modelfile=False).")
         for path in paths:
             # split output is named <stem>-0000i-of-0000N.gguf: any such part of an earlier export counts
             parts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-[0-9][0-9][0-9][0-9][0-9]-of-*.gguf"))
@@ -145,7 +161,6 @@ def _export(
 
     by_name = {t.name: t for t in tensors}
     order = [tp.name for tp in plans[0].tensors]  # llama-quantize's order, the same for every plan
-    split = _parse_size(max_file_size) if max_file_size is not None else None
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writers = []
@@ -166,11 +181,37 @@ def _export(
         del buffer
         written = [part.path for writer in writers for part in writer.parts()]
         # leaving the stack commits every file (fsync + atomic rename)
+    for target, prepared in modelfiles:
+        save_modelfile(prepared, target, overwrite=overwrite)
     if progress:
         elapsed = time.perf_counter() - started
         for plan, path in zip(plans, paths):
             print(f"llmdeploy: wrote {path.name}: {plan.summary()} ({elapsed:.1f} s for the pass)")
     return written
+
+
+def _modelfiles(
+    paths: list[pathlib.Path], file_types: list[FileType], token_kvs: list[Any]
+) -> list[tuple[pathlib.Path, Modelfile]]:
+    """The Ollama Modelfile for each GGUF file, prepared before the pass (it needs the tokenizer KVs)."""
+    metadata = {key: value for key, value, _ in token_kvs}
+    out = []
+    for path, ft in zip(paths, file_types):
+        target = path.with_name("Modelfile")
+        # one Modelfile per folder when it can be: several files, or a Modelfile of another file
+        # already there (an earlier export to the same folder), get one named after their type
+        if len(paths) > 1 or _modelfile_of_another(target, path.name):
+            target = path.with_name(f"Modelfile-{ft.name.upper()}")
+        out.append((target, modelfile_for(path.name, metadata)))
+    return out
+
+
+def _modelfile_of_another(modelfile: pathlib.Path, gguf_name: str) -> bool:
+    if not modelfile.is_file():
+        return False
+    with open(modelfile, encoding="utf-8", errors="replace") as f:
+        first = next((line.split() for line in f if line.strip().upper().startswith("FROM ")), None)
+    return first is None or len(first) < 2 or pathlib.PurePosixPath(first[1]).name != gguf_name
 
 
 @contextlib.contextmanager
