@@ -26,7 +26,6 @@ from gguf import GGMLQuantizationType
 from . import _jit
 from ._jit import f32_bits
 from .base import QuantType
-from .gguf_py import GgufPyDequantize
 
 
 # =========================================================================== reference (torch)
@@ -142,13 +141,18 @@ class F16(QuantType, qtype=GGMLQuantizationType.F16):
     fast_kernel = staticmethod(_f16_kernel)
 
 
-class BF16(GgufPyDequantize, qtype=GGMLQuantizationType.BF16):
+class BF16(QuantType, qtype=GGMLQuantizationType.BF16):
     """bfloat16, rounded to nearest even (ggml's ``ggml_compute_fp32_to_bf16``)."""
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         """float32 (n, 1) on any device -> uint8 (n, 2) on the same device, ggml's bytes."""
         return _value_blocks(blocks, _bf16_bits(blocks), 2)
+
+    @classmethod
+    def dequantize_blocks(cls, data: np.ndarray) -> np.ndarray:
+        # a bfloat16 is the top half of a float32: widening is exact (NaN payloads included)
+        return (data.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
     fast_kernel = staticmethod(_bf16_kernel)
 
