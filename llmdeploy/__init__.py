@@ -26,14 +26,16 @@ _LAZY = {
     "push_to_hub_gguf": "llmdeploy.hub",
     "push_to_hub_merged": "llmdeploy.hub",
     "push_folder": "llmdeploy.hub",
+    "requantize": "llmdeploy.gguf.requant",
+    "gguf_to_hf": "llmdeploy.gguf.to_hf",
     "DeployMixin": "llmdeploy.mixins",
     "patch": "llmdeploy.mixins",
 }
 _SUBMODULES = ("quants", "gguf", "merge", "hub", "mixins", "ollama", "estimate", "recommend", "cli")
 
 __all__ = [
-    "DeployMixin", "LLMDeployError", "errors", "patch", "plan_gguf", "push_folder", "push_to_hub_gguf",
-    "push_to_hub_merged", "quants", "save_pretrained_gguf", "save_pretrained_merged",
+    "DeployMixin", "LLMDeployError", "errors", "gguf_to_hf", "patch", "plan_gguf", "push_folder", "push_to_hub_gguf",
+    "push_to_hub_merged", "quants", "requantize", "save_pretrained_gguf", "save_pretrained_merged",
 ]  # fmt: skip
 
 
@@ -55,6 +57,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from . import quants
     from .gguf.export import plan_gguf, save_pretrained_gguf
+    from .gguf.requant import requantize
+    from .gguf.to_hf import gguf_to_hf
     from .hub import push_folder, push_to_hub_gguf, push_to_hub_merged
     from .merge.merge import save_pretrained_merged
     from .mixins import DeployMixin, patch
