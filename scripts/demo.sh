@@ -6,15 +6,6 @@
 # e.g. `scripts/demo.sh --quant q8_0 --out my-demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-PYTHON="${PYTHON:-python3}"
-VENV="${VENV:-.venv}"
-# torch is pinned to the CPU build that these machines have on disk; override with TORCH_SPEC.
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet -e ".[demo]"
+source scripts/_venv.sh demo
 
 exec "$VENV/bin/python" -m llmdeploy.demo "$@"

@@ -6,16 +6,7 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k q4_k`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_venv.sh test
 
-PYTHON="${PYTHON:-python3}"
-VENV="${VENV:-.venv}"
-# torch is pinned to the CPU build that these machines have on disk; override with TORCH_SPEC.
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
-
-# Two pytest workers by default (the CI machines have 2 cores).
+# One pytest worker per core (the CI machines have 2).
 exec "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" "$@"
