@@ -68,7 +68,7 @@ def mark(name, _last=[T0]):
 _REPORT = """
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"wall_s": time.perf_counter() - T0, "cpu_s": ru.ru_utime + ru.ru_stime, "phases": phases,
-                  "peak_rss_kb": ru.ru_maxrss}))
+                  "peak_rss_kb": ru.ru_maxrss, "loaded_peak_kb": globals().get("LOADED_PEAK_KB", 0)}))
 """
 _LOAD = """
 import torch
@@ -78,6 +78,7 @@ mark("import")
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 pm = PeftModel.from_pretrained(model, adapter)
 mark("load")
+LOADED_PEAK_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak with the model loaded
 """
 CHILDREN = {
     "peft": _PRELUDE + _LOAD + """
@@ -306,6 +307,10 @@ def bench_model(
             "wall_s": statistics.median(r["wall_s"] for r in rs),
             "cpu_s": statistics.median(r["cpu_s"] for r in rs),
             "peak_mb": statistics.median(r["peak_rss_kb"] for r in rs) / 1024,
+            # for the in-memory methods: how far the merge and save raise the peak above the loaded model's
+            "above_load_mb": statistics.median(r["peak_rss_kb"] - r["loaded_peak_kb"] for r in rs) / 1024
+            if rs[0]["loaded_peak_kb"]
+            else None,
             "min_wall_s": min(r["wall_s"] for r in rs),
             "phases": {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]},
             "walls": [r["wall_s"] for r in rs],
@@ -335,13 +340,14 @@ def report(results: list[dict[str, Any]], markdown: bool) -> None:
             size = f"{gb:.2f} GB ({r['layers']}L)" if gb >= 0.01 else f"{gb * 1e3:.1f} MB ({r['layers']}L)"
             tmin = f"{v['min_wall_s'] / ref['min_wall_s']:.2f}x" if ref else ""
             cpu = f"{v['cpu_s'] / ref['cpu_s']:.2f}x" if ref else ""
+            above = "" if v.get("above_load_mb") is None else f"{v['above_load_mb']:.0f}"
             rows.append((size, m, f"{v['wall_s']:.1f}", t, f"{v['min_wall_s']:.1f}", tmin, f"{v['cpu_s']:.1f}", cpu,
-                         f"{v['peak_mb']:.0f}", mem, _phases(v["phases"])))  # fmt: skip
+                         f"{v['peak_mb']:.0f}", mem, above, _phases(v["phases"])))  # fmt: skip
     head = ("model", "method", "wall s (median)", "vs PEFT", "wall s (best)", "vs PEFT", "CPU s", "vs PEFT",
-            "peak RSS MB", "vs PEFT", "phases (s, median)")  # fmt: skip
+            "peak RSS MB", "vs PEFT", "MB above the loaded model", "phases (s, median)")  # fmt: skip
     if markdown:
         print("| " + " | ".join(head) + " |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
     else:
