@@ -5,7 +5,7 @@
     llmdeploy gguf MODEL --quant q4_k_m --out DIR          save_pretrained_gguf
     llmdeploy merge ADAPTER --out DIR                      save_pretrained_merged
     llmdeploy push DIR_OR_FILES... --repo user/name        hub.push_folder
-    llmdeploy inspect FILE.gguf                            estimate.read_gguf
+    llmdeploy inspect FILE.gguf                            gguf.reader.open_gguf
     llmdeploy estimate MODEL --quant q4_k_m --context N    estimate.estimate
     llmdeploy recommend --gpu "RTX 4090" --model DIR       recommend.recommend
     llmdeploy requant IN.gguf --quant q4_k_m --out DIR     gguf.requant.requantize
@@ -24,11 +24,14 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import LLMDeployError, NotSupportedYetError
+
+if TYPE_CHECKING:
+    from .gguf.reader import GGUFModelFile, MetadataEntry
 
 __all__ = ["build_parser", "main"]
 
@@ -309,9 +312,9 @@ _TOKEN_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.gg
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .estimate import read_gguf
+    from .gguf.reader import open_gguf
 
-    info = read_gguf(args.file)
+    info = open_gguf(args.file)
     report = _inspect_report(info, with_tensors=args.tensors)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -320,23 +323,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_value(value: Any, type_name: str) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return value
-    return {"array_of": type_name.removeprefix("ARRAY[").removesuffix("]"), "length": len(value)}
+_LISTED_ITEMS = 64  # an array of more items is shown by its element type and length
 
 
-def _inspect_report(info: Any, *, with_tensors: bool) -> dict[str, Any]:
-    md = info.metadata
+def _json_value(entry: MetadataEntry) -> Any:
+    """A KV's value for the report: an array of more than 64 items as its element type and length."""
+    if entry.sub_type is not None and len(entry.value) > _LISTED_ITEMS:
+        return {"array_of": entry.sub_type.name, "length": len(entry.value)}
+    return entry.to_python()
+
+
+def _inspect_report(info: GGUFModelFile, *, with_tensors: bool) -> dict[str, Any]:
+    md = info.kv
     arch = str(md.get("general.architecture") or "")
     metadata = {
-        key: _json_value(value, info.value_types[key])
-        for key, value in md.items()
-        if key not in _TOKEN_ARRAYS and key != "tokenizer.chat_template"
+        entry.key: _json_value(entry)
+        for entry in info.metadata
+        if entry.key not in _TOKEN_ARRAYS and entry.key != "tokenizer.chat_template"
     }
     per_type: dict[str, dict[str, int]] = {}
     for t in info.tensors:
@@ -369,7 +372,7 @@ def _inspect_report(info: Any, *, with_tensors: bool) -> dict[str, Any]:
     return report
 
 
-def _tokenizer_summary(md: dict[str, Any]) -> dict[str, Any] | None:
+def _tokenizer_summary(md: Mapping[str, Any]) -> dict[str, Any] | None:
     if not any(key.startswith("tokenizer.") for key in md):
         return None
     tokens = md.get("tokenizer.ggml.tokens")

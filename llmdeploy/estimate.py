@@ -41,16 +41,11 @@ Everything here is pure arithmetic on a :class:`ModelShape`, which is read from 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import mmap
 import os
 import pathlib
-import re
-import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -61,12 +56,12 @@ from .errors import (
     MissingFileError,
     UnsupportedArchitectureError,
 )
-from .gguf.plan import ModelHParams, PlanInput, QuantPlan, TensorPlan, file_type, plan_quantization
+from .gguf.plan import PlanInput, QuantPlan, file_type, plan_quantization
+from .gguf.reader import GGUFModelFile, open_gguf
 
 __all__ = [
     "CELL_PADDING",
     "Estimate",
-    "GGUFFile",
     "KVCacheLayout",
     "ModelShape",
     "compute_buffer_bytes",
@@ -74,7 +69,6 @@ __all__ = [
     "format_bytes",
     "kv_cache_bytes",
     "kv_cache_layout",
-    "read_gguf",
 ]
 
 #: llama.cpp pads the context (and the SWA cache) to a multiple of this many cells.
@@ -99,7 +93,6 @@ _HF_TO_GGUF_ARCH = {
     "GptOssForCausalLM": "gpt-oss",
     "Olmo2ForCausalLM": "olmo2",
 }
-_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _DEFAULT_QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
 
 
@@ -190,6 +183,28 @@ class ModelShape:
             sliding_window=window,
             context_train=_first_int(hp, "max_position_embeddings", "n_positions", "max_seq_len"),
         )
+
+    @classmethod
+    def from_gguf(cls, model: GGUFModelFile) -> ModelShape:
+        """Read an opened GGUF (:func:`llmdeploy.gguf.reader.open_gguf`) as llama.cpp's model loader reads it.
+
+        Args:
+            model: the file; without ``{arch}.vocab_size`` and a token list, the vocabulary size
+                is the rows of its ``token_embd.weight``.
+
+        Raises:
+            GGUFReadError: a required key is missing (the message names the file).
+        """
+        kv = model.kv
+        arch = kv.get(gguf.Keys.General.ARCHITECTURE)
+        n_vocab = None
+        if not kv.get(f"{arch}.vocab_size") and "tokenizer.ggml.tokens" not in kv:
+            embd = next((t for t in model.tensors if t.name == "token_embd.weight"), None)
+            n_vocab = embd.shape[0] if embd is not None else 0
+        try:
+            return cls.from_gguf_metadata(kv, n_vocab=n_vocab)
+        except GGUFReadError as e:
+            raise GGUFReadError(f"{model.path}: {e}") from None
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, n_vocab: int | None = None) -> ModelShape:
@@ -466,271 +481,6 @@ def compute_buffer_bytes(
     return max(inputs + attention, inputs + ffn, output) + f32 * shape.n_vocab
 
 
-# --- reading GGUF files -----------------------------------------------------------------------
-#
-# gguf-py's GGUFReader builds a numpy view for every item of every array, which takes about 10 s
-# for a 262k-token vocabulary; inspecting or sizing a file needs only the header, so it is parsed
-# here directly (layout: llama.cpp's ggml/src/gguf.cpp, as described in llmdeploy/gguf/writer.py).
-# tests/test_estimate.py checks the result against gguf.GGUFReader.
-
-_V = gguf.GGUFValueType
-_SCALARS = {
-    _V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
-    _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT32: "f", _V.FLOAT64: "d", _V.BOOL: "?",
-}  # fmt: skip
-_SHORT_ARRAY = 64  # arrays up to this long are read into lists; longer ones stay unread (_LongArray)
-
-
-class _LongArray:
-    """A long GGUF array (a token list, merges) kept as raw bytes: ``len()`` and indexing only."""
-
-    def __init__(self, vtype: gguf.GGUFValueType, data: bytes, offsets: list[int] | None, length: int, endian: str):
-        self.type = vtype
-        self._data = data
-        self._offsets = offsets  # start of each item, for strings
-        self._length = length
-        self._endian = endian
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> Any:
-        if not -self._length <= index < self._length:
-            raise IndexError(index)
-        index %= self._length
-        if self._offsets is not None:
-            start = self._offsets[index]
-            (n,) = struct.unpack_from(self._endian + "Q", self._data, start)
-            return self._data[start + 8 : start + 8 + n].decode("utf-8", errors="replace")
-        fmt = _SCALARS[self.type]
-        return struct.unpack_from(self._endian + fmt, self._data, index * struct.calcsize(fmt))[0]
-
-    def __repr__(self) -> str:
-        return f"<{self._length} x {self.type.name}>"
-
-
-class _Header:
-    """A cursor over a GGUF file's bytes."""
-
-    def __init__(self, data: Any, path: pathlib.Path) -> None:
-        self.data = data
-        self.pos = 0
-        self.path = path
-        self.endian = "<"
-
-    def unpack(self, fmt: str) -> Any:
-        fmt = self.endian + fmt
-        try:
-            values = struct.unpack_from(fmt, self.data, self.pos)
-        except struct.error:
-            raise GGUFReadError(f"{self.path} is truncated: its header ends at byte {len(self.data)}") from None
-        self.pos += struct.calcsize(fmt)
-        return values[0] if len(values) == 1 else values
-
-    def string(self) -> str:
-        n = self.unpack("Q")
-        if self.pos + n > len(self.data):
-            raise GGUFReadError(f"{self.path} is truncated or damaged: a string of {n} bytes at byte {self.pos}")
-        raw = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return bytes(raw).decode("utf-8", errors="replace")
-
-    def value(self, vtype: gguf.GGUFValueType) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _V.STRING:
-            return self.string()
-        if vtype != _V.ARRAY:
-            raise GGUFReadError(f"{self.path}: unknown GGUF value type {int(vtype)} at byte {self.pos}")
-        sub, n = self.unpack("IQ")
-        sub = self.value_type(sub)
-        if n <= _SHORT_ARRAY:
-            return [self.value(sub) for _ in range(n)]
-        start = self.pos
-        if sub == _V.STRING:
-            offsets = []
-            for _ in range(n):
-                offsets.append(self.pos - start)
-                self.pos += 8 + self.unpack("Q")
-        elif sub in _SCALARS:
-            offsets = None
-            self.pos += n * struct.calcsize(_SCALARS[sub])
-        else:
-            raise GGUFReadError(f"{self.path}: arrays of {sub.name} are not valid GGUF (byte {start})")
-        if self.pos > len(self.data):
-            raise GGUFReadError(f"{self.path} is truncated: an array of {n} items runs past its end")
-        return _LongArray(sub, bytes(self.data[start : self.pos]), offsets, n, self.endian)
-
-    def value_type(self, raw: int) -> gguf.GGUFValueType:
-        try:
-            return _V(raw)
-        except ValueError:
-            raise GGUFReadError(f"{self.path}: unknown GGUF value type {raw} at byte {self.pos}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFFile:
-    """A GGUF model file (all parts of a split one): its header, KVs and tensor infos.
-
-    Attributes:
-        paths: the file, or every part of a split file in order.
-        file_bytes: the size on disk, all parts together.
-        version: the GGUF version.
-        alignment: the data alignment.
-        metadata: every KV but ``split.*``; arrays of more than 64 items stay unread until indexed
-            (``len()`` and ``[i]`` work: token lists can hold 250k strings).
-        value_types: each key's GGUF type name ("UINT32", "STRING", "ARRAY[STRING]"...).
-        tensors: every tensor: name, shape (numpy order: the last axis is the row), type, bytes.
-        metadata_bytes: the bytes those KVs take in the file.
-    """
-
-    paths: tuple[pathlib.Path, ...]
-    file_bytes: int
-    version: int
-    alignment: int
-    metadata: dict[str, Any]
-    value_types: dict[str, str]
-    tensors: tuple[TensorPlan, ...]
-    metadata_bytes: int
-
-    @property
-    def tensor_bytes(self) -> int:
-        """Tensor data bytes, without padding."""
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def n_params(self) -> int:
-        """Elements of all tensors."""
-        return sum(math.prod(t.shape) for t in self.tensors)
-
-    @property
-    def file_type(self) -> str:
-        """``general.file_type`` as a file type name ("q4_k_m"; "f32" for ALL_F32), or "unknown"."""
-        value = self.metadata.get("general.file_type")
-        if value is None:
-            return "unknown"
-        try:
-            name = gguf.LlamaFileType(int(value)).name
-        except ValueError:
-            return f"file_type {value}"
-        return "f32" if name == "ALL_F32" else name.removeprefix("MOSTLY_").lower()
-
-    @property
-    def shape(self) -> ModelShape:
-        """The model facts llama.cpp reads from this file."""
-        arch = self.metadata.get("general.architecture")
-        n_vocab = None
-        if not self.metadata.get(f"{arch}.vocab_size") and "tokenizer.ggml.tokens" not in self.metadata:
-            embd = next((t for t in self.tensors if t.name == "token_embd.weight"), None)
-            n_vocab = embd.shape[0] if embd is not None else 0
-        return ModelShape.from_gguf_metadata(self.metadata, n_vocab=n_vocab)
-
-
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Read a GGUF file's header, KVs and tensor infos (the tensor data stays on disk).
-
-    A part of a split file (``name-00001-of-00003.gguf``, any part) brings in all its parts.
-
-    Args:
-        path: the ``.gguf`` file.
-
-    Raises:
-        MissingFileError: no such file (or a part of a split file is missing).
-        GGUFReadError: the file is not a GGUF (or is truncated or damaged); the message names it.
-    """
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise GGUFReadError(f"{path} is a folder, not a GGUF file")
-    paths = _split_parts(path)
-    parts = [_read_header(p) for p in paths]  # llama.cpp's loader too takes the KVs from the first part
-    first = parts[0]
-    return GGUFFile(
-        paths=tuple(paths),
-        file_bytes=sum(p.stat().st_size for p in paths),
-        version=first.version,
-        alignment=first.alignment,
-        metadata=first.metadata,
-        value_types=first.value_types,
-        tensors=tuple(t for part in parts for t in part.tensors),
-        metadata_bytes=first.kv_bytes,
-    )
-
-
-class _PartHeader(NamedTuple):
-    version: int
-    alignment: int
-    metadata: dict[str, Any]
-    value_types: dict[str, str]
-    kv_bytes: int
-    tensors: list[TensorPlan]
-
-
-def _read_header(path: pathlib.Path) -> _PartHeader:
-    with open(path, "rb") as f:
-        try:
-            data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped
-            data = b""
-    with contextlib.closing(data) if isinstance(data, mmap.mmap) else contextlib.nullcontext():
-        if bytes(data[:4]) != b"GGUF":
-            raise GGUFReadError(f"{path} is not a GGUF file (it starts with {bytes(data[:4])!r}, not b'GGUF')")
-        cur = _Header(data, path)
-        cur.pos = 4
-        version = cur.unpack("I")
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            cur.endian, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
-        if version not in (2, 3):
-            raise GGUFReadError(f"{path} is GGUF version {version}; llama.cpp and llmdeploy read versions 2 and 3")
-        n_tensors, n_kv = cur.unpack("QQ")
-        metadata: dict[str, Any] = {}
-        value_types: dict[str, str] = {}
-        kv_bytes = 0
-        for _ in range(n_kv):
-            start = cur.pos
-            key = cur.string()
-            vtype = cur.value_type(cur.unpack("I"))
-            type_name = vtype.name
-            if vtype == _V.ARRAY:
-                element = cur.value_type(struct.unpack_from(cur.endian + "I", data, cur.pos)[0])
-                type_name = f"ARRAY[{element.name}]"
-            value = cur.value(vtype)
-            if key.startswith("split."):
-                continue
-            metadata[key], value_types[key] = value, type_name
-            kv_bytes += cur.pos - start
-        alignment = int(metadata.get(gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT)
-        tensors = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            n_dims = cur.unpack("I")
-            if n_dims > 4:
-                raise GGUFReadError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows at most 4")
-            dims = [int(cur.unpack("Q")) for _ in range(n_dims)]
-            raw_type, _offset = cur.unpack("IQ")
-            try:
-                qtype = GGMLQuantizationType(raw_type)
-                block, size = GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
-                raise GGUFReadError(f"{path}: tensor {name!r} has an unknown GGML type {raw_type}") from None
-            shape = tuple(reversed(dims))
-            tensors.append(TensorPlan(name, shape, qtype, math.prod(shape) // block * size))
-    return _PartHeader(version, alignment, metadata, value_types, kv_bytes, tensors)
-
-
-def _split_parts(path: pathlib.Path) -> list[pathlib.Path]:
-    match = _SPLIT_NAME.match(path.name)
-    if not match:
-        return [path]
-    count = int(match["count"])
-    parts = [path.with_name(f"{match['prefix']}-{no:05d}-of-{count:05d}.gguf") for no in range(1, count + 1)]
-    missing = [p.name for p in parts if not p.exists()]
-    if missing:
-        raise MissingFileError(f"{path} is part of a split GGUF, but {', '.join(missing)} is missing beside it")
-    return parts
-
-
 # --- the estimate -------------------------------------------------------------------------------
 
 
@@ -881,8 +631,8 @@ def _estimate_gguf(
     cache_type: str,
     swa_full: bool,
 ) -> list[Estimate]:
-    info = read_gguf(path)
-    shape = info.shape
+    info = open_gguf(path)
+    shape = ModelShape.from_gguf(info)
     kv = kv_cache_layout(shape, context, ubatch=ubatch, cache_type=cache_type, swa_full=swa_full)
     compute = compute_buffer_bytes(shape, context, ubatch=ubatch, flash_attn=flash_attn, swa_full=swa_full)
 
@@ -892,7 +642,9 @@ def _estimate_gguf(
 
     if quantization is None:
         return [make(info.file_type, info.file_bytes, info.tensor_bytes, info.n_params)]
-    hparams = _hparams(info, shape)
+    from .gguf.requant import source_hparams  # requantize's own reading of the plan's facts
+
+    hparams = source_hparams(info)
     inputs = [PlanInput(t.name, t.shape, t.type) for t in info.tensors]
     estimates = []
     for ft in dict.fromkeys(file_type(n) for n in _names(quantization)):
@@ -901,13 +653,7 @@ def _estimate_gguf(
     return estimates
 
 
-def _hparams(info: GGUFFile, shape: ModelShape) -> ModelHParams:
-    n_expert = int(info.metadata.get(f"{shape.arch}.expert_count") or 0)
-    n_head_kv = shape.n_head_kv[0] if shape.n_head_kv else shape.n_head
-    return ModelHParams(shape.arch, shape.n_layer, shape.n_head, n_head_kv, n_expert)
-
-
-def _requantized_bytes(info: GGUFFile, plan: QuantPlan) -> int:
+def _requantized_bytes(info: GGUFModelFile, plan: QuantPlan) -> int:
     """llama-quantize keeps every KV (its file type and split keys aside) and the tensor infos' sizes."""
     header = 4 + 4 + 8 + 8
     infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in plan.tensors)

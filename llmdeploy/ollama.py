@@ -59,7 +59,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from ._fsutil import fsync_dir
-from .errors import GGUFReadError, InvalidOptionError, MissingFileError, OutputExistsError
+from .errors import InvalidOptionError, OutputExistsError
+from .gguf.reader import open_gguf
 
 __all__ = ["Modelfile", "metadata_from_gguf", "modelfile_for", "save_modelfile", "write_modelfile"]
 
@@ -231,7 +232,8 @@ def save_modelfile(modelfile: Modelfile, target: str | os.PathLike[str], *, over
 def metadata_from_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``tokenizer.*`` KVs of a GGUF file, as :func:`modelfile_for` takes them.
 
-    Read with gguf-py's ``GGUFReader``; for a split model pass the first part (it holds every KV).
+    Read with :func:`llmdeploy.gguf.reader.open_gguf` (the header only); for a split model, any part
+    will do (the KVs come from the first).
 
     Args:
         path: the ``.gguf`` file.
@@ -244,33 +246,8 @@ def metadata_from_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
         MissingFileError: no such file.
         GGUFReadError: the file is not a readable GGUF.
     """
-    import gguf
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # GGUFReader reports a damaged file with whatever numpy or struct raise
-        raise GGUFReadError(f"{path} is not a readable GGUF file ({e}); pass a .gguf file") from e
-    return {name: _field_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")}
-
-
-def _field_value(field: Any) -> Any:
-    from gguf import GGUFValueType
-
-    def text(part: Any) -> str:
-        return bytes(part).decode("utf-8", errors="replace")
-
-    if not field.types:
-        return None
-    if field.types[0] == GGUFValueType.ARRAY:
-        if field.types[-1] == GGUFValueType.STRING:
-            return [text(field.parts[i]) for i in field.data]
-        return [value for i in field.data for value in field.parts[i].tolist()]
-    if field.types[0] == GGUFValueType.STRING:
-        return text(field.parts[-1])
-    return field.parts[-1].tolist()[0]
+    model = open_gguf(path)
+    return {entry.key: entry.to_python() for entry in model.metadata if entry.key.startswith("tokenizer.")}
 
 
 # --------------------------------------------------------------------------- the Modelfile's pieces

@@ -39,7 +39,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import InvalidOptionError
-from .estimate import Estimate, estimate, format_bytes, kv_cache_bytes, read_gguf
+from .estimate import Estimate, estimate, format_bytes, kv_cache_bytes
+from .gguf.reader import open_gguf
 from .gguf.plan import FILE_TYPES
 
 __all__ = [
@@ -427,10 +428,9 @@ def _gguf_choice(
     path = f"gguf/{stem}-{name}.gguf"
     if not is_gguf:
         commands.append(f"llmdeploy gguf {model} --quant {best.quantization} --out gguf --name {stem}")
-    elif best.quantization == read_gguf(model).file_type:
+    elif best.quantization == (source_type := open_gguf(model).file_type):
         path = str(model)
     else:
-        source_type = read_gguf(model).file_type
         flag = ""
         if source_type not in ("f32", "f16", "bf16", "q8_0"):  # requant takes these without the flag
             flag = " --allow-requantize"

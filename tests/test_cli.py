@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -177,6 +178,27 @@ def test_inspect_json_and_tensor_table(exported: dict, capsys) -> None:
     ]
     code, out, _ = run(capsys, "inspect", path, "--tensors")
     assert all(t.name in out for t in reader.tensors)
+
+
+def test_inspect_lists_short_arrays_and_sizes_long_ones(tmp_path: pathlib.Path, capsys) -> None:
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("llama.attention.head_count", [8, 4, 4])
+    writer.add_array("llama.long_table", list(range(100)))
+    writer.add_string("general.name", "caf\u00e9")
+    writer.add_tensor("w", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, out, _ = run(capsys, "inspect", path, "--json")
+    assert code == 0
+    metadata = json.loads(out)["metadata"]
+    assert metadata["llama.attention.head_count"] == [8, 4, 4]
+    assert metadata["llama.long_table"] == {"array_of": "INT32", "length": 100}  # more than 64 items: not listed
+    assert metadata["general.name"] == "caf\u00e9"
+    code, out, _ = run(capsys, "inspect", path)
+    assert "long_table" in out and "[100 x INT32]" in out
 
 
 def test_inspect_errors(tmp_path: pathlib.Path, capsys) -> None:
@@ -348,4 +370,5 @@ def test_python_dash_m(exported: dict) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "llmdeploy", "inspect", "nothing.gguf"], capture_output=True, text=True, check=False
     )
-    assert (result.returncode, result.stderr) == (1, "llmdeploy: error: nothing.gguf: no such file\n")
+    expected = "llmdeploy: error: nothing.gguf does not exist; pass the path of a .gguf file.\n"
+    assert (result.returncode, result.stderr) == (1, expected)

@@ -5,7 +5,8 @@
 - KV cache: the cells, layers and MiB llama.cpp (llama-cpp-python 0.3.36) logs when it creates its
   cache, for a full-attention model (Llama) and a sliding-window one (Gemma 3, 5 SWA + 1 full layer).
 - Compute buffer: llama.cpp's logged "compute buffer size", with and without flash attention.
-- read_gguf: against gguf-py's GGUFReader, key by key and tensor by tensor.
+- ModelShape.from_gguf: the same shape as config.json gives; a split file estimated from any part.
+  (The GGUF reader itself is tested in tests/gguf/test_reader.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import subprocess
 import sys
 
 import gguf
-import numpy as np
 import pytest
 
 import llmdeploy
@@ -29,8 +29,8 @@ from llmdeploy.estimate import (
     format_bytes,
     kv_cache_bytes,
     kv_cache_layout,
-    read_gguf,
 )
+from llmdeploy.gguf.reader import GGUFModelFile, MetadataEntry, open_gguf
 
 from . import llamacpp, models
 
@@ -53,8 +53,9 @@ def exported(folders: dict[str, pathlib.Path], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("estimate")
     files = {}
     for name, folder in folders.items():
+        # a folder per model: each export writes its Modelfiles beside its GGUFs
         for path in llmdeploy.save_pretrained_gguf(
-            folder, out, quantization=["q8_0", "q4_k_m", "bf16"], progress=False
+            folder, out / name, quantization=["q8_0", "q4_k_m", "bf16"], progress=False
         ):
             ftype = path.stem.rsplit("-", 1)[1].lower()
             files[f"{name}-{ftype}"] = path
@@ -162,7 +163,7 @@ def test_kv_cache_and_compute_buffer_match_llama_cpp(folders: dict, exported: di
     runs = [(8192, True), (8192, False), (1000, True), (300, True)]
     logged = llama_cpp_memory(path, runs)
     shape = ModelShape.from_hf_config(json.loads((folders[name] / "config.json").read_text()))
-    assert shape == read_gguf(path).shape  # config.json and the GGUF's KVs say the same
+    assert shape == ModelShape.from_gguf(open_gguf(path))  # config.json and the GGUF's KVs say the same
     for context, flash in runs:
         run = logged[(context, flash)]
         layout = kv_cache_layout(shape, context)
@@ -192,7 +193,7 @@ def test_real_gemma3_270m_matches_llama_cpp() -> None:
     path = models.gemma3_gguf()
     runs = [(32768, True), (65536, False)]
     logged = llama_cpp_memory(path, runs)
-    shape = read_gguf(path).shape
+    shape = ModelShape.from_gguf(open_gguf(path))
     for context, flash in runs:
         layout = kv_cache_layout(shape, context)
         assert [(cells, layers) for _, cells, layers in logged[(context, flash)]["caches"]] == [
@@ -291,82 +292,28 @@ def test_format_bytes() -> None:
     assert [format_bytes(n) for n in (512, 1536, 3 * MiB, 2**30 * 1.5)] == ["512 B", "1.50 KiB", "3.00 MiB", "1.50 GiB"]
 
 
-# --- read_gguf ----------------------------------------------------------------------------------
+# --- GGUF files --------------------------------------------------------------------------------
 
 
-def assert_same_as_gguf_reader(path: pathlib.Path, info: llmdeploy.estimate.GGUFFile) -> None:
-    reader = gguf.GGUFReader(path)
-    fields = {k: f for k, f in reader.fields.items() if not k.startswith(("GGUF.", "split."))}
-    assert list(info.metadata) == list(fields)
-    for key, field in fields.items():
-        ours = info.metadata[key]
-        if field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > 64:
-            theirs = field.contents()
-            assert len(ours) == len(theirs)
-            for i in (0, 1, len(theirs) // 2, len(theirs) - 1):
-                assert ours[i] == pytest.approx(theirs[i]) if isinstance(theirs[i], float) else ours[i] == theirs[i]
-        else:
-            assert ours == pytest.approx(field.contents()) if isinstance(ours, float) else ours == field.contents()
-        assert info.value_types[key].startswith(field.types[0].name)
-
-
-def test_read_gguf_equals_gguf_reader(exported: dict) -> None:
-    for key in ("llama-q8_0", "gemma3-q4_k_m"):
-        path = exported[key]
-        info = read_gguf(path)
-        assert_same_as_gguf_reader(path, info)
-        reader = gguf.GGUFReader(path)
-        assert [(t.name, t.shape, t.type, t.nbytes) for t in info.tensors] == [
-            (t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type, int(t.n_bytes))
-            for t in reader.tensors
-        ]
-        assert info.file_bytes == path.stat().st_size
-        assert info.alignment == reader.alignment
-        assert info.file_type == key.split("-", 1)[1]
-
-
-def test_read_gguf_of_a_split_file(folders: dict, tmp_path: pathlib.Path) -> None:
+def test_a_split_file_is_estimated_from_any_part(folders: dict, tmp_path: pathlib.Path) -> None:
     parts = llmdeploy.save_pretrained_gguf(folders["llama"], tmp_path, quantization="q8_0", max_file_size="600KB",
                                            progress=False)  # fmt: skip
     assert len(parts) > 1
     whole = llmdeploy.save_pretrained_gguf(folders["llama"], tmp_path / "whole", quantization="q8_0", progress=False)[0]
-    info = read_gguf(parts[-1])  # any part brings in all of them
-    assert info.paths == tuple(parts)
-    assert info.file_bytes == sum(p.stat().st_size for p in parts)
-    assert info.tensors == read_gguf(whole).tensors
-    assert "split.count" not in info.metadata
+    (as_is,) = estimate(parts[-1], context=512)
+    assert as_is.quantization == "q8_0"
+    assert as_is.file_bytes == sum(p.stat().st_size for p in parts)
+    assert as_is.tensor_bytes == sum(int(t.n_bytes) for t in gguf.GGUFReader(whole).tensors)
     (e,) = estimate(parts[0], quantization="q8_0")  # requantizing a split file writes one file
     assert e.file_bytes == whole.stat().st_size
     parts[1].unlink()
     with pytest.raises(MissingFileError, match=re.escape(parts[1].name)):
-        read_gguf(parts[0])
+        estimate(parts[0])
 
 
-def test_read_gguf_errors_name_the_file(exported: dict, tmp_path: pathlib.Path) -> None:
-    with pytest.raises(MissingFileError, match=r"nothing\.gguf"):
-        read_gguf(tmp_path / "nothing.gguf")
-    text = tmp_path / "notes.gguf"
-    text.write_text("hello")
-    with pytest.raises(GGUFReadError, match=r"notes\.gguf is not a GGUF file"):
-        read_gguf(text)
-    truncated = tmp_path / "cut.gguf"
-    truncated.write_bytes(exported["llama-q8_0"].read_bytes()[:2000])  # in the middle of the token list
-    with pytest.raises(GGUFReadError, match=r"cut\.gguf is truncated"):
-        read_gguf(truncated)
-    with pytest.raises(GGUFReadError, match="folder"):
-        read_gguf(tmp_path)
-
-
-def test_long_arrays_index_like_lists(exported: dict) -> None:
-    tokens = read_gguf(exported["llama-q8_0"]).metadata["tokenizer.ggml.tokens"]
-    theirs = gguf.GGUFReader(exported["llama-q8_0"]).fields["tokenizer.ggml.tokens"].contents()
-    assert len(tokens) == len(theirs) == 512
-    assert [tokens[i] for i in range(len(tokens))] == theirs
-    assert tokens[-1] == theirs[-1]
-    with pytest.raises(IndexError):
-        tokens[512]
-    scores = read_gguf(exported["llama-q8_0"]).metadata["tokenizer.ggml.scores"]
-    np.testing.assert_array_equal(
-        np.array([scores[i] for i in range(len(scores))], np.float32),
-        gguf.GGUFReader(exported["llama-q8_0"]).fields["tokenizer.ggml.scores"].contents(),
+def test_shape_from_a_gguf_without_the_keys_names_the_file() -> None:
+    arch_only = GGUFModelFile(
+        [pathlib.Path("no-keys.gguf")], [MetadataEntry("general.architecture", "llama", gguf.GGUFValueType.STRING)], []
     )
+    with pytest.raises(GGUFReadError, match=r"no-keys.gguf: the GGUF lacks llama.block_count"):
+        ModelShape.from_gguf(arch_only)

@@ -486,11 +486,11 @@ def test_metadata_from_gguf_round_trip(tmp_path):
 
 
 def test_metadata_from_gguf_errors(tmp_path):
-    with pytest.raises(MissingFileError, match="no such GGUF"):
+    with pytest.raises(MissingFileError, match="missing.gguf does not exist"):
         metadata_from_gguf(tmp_path / "missing.gguf")
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf at all" * 4)
-    with pytest.raises(GGUFReadError, match="model.gguf"):
+    with pytest.raises(GGUFReadError, match="model.gguf is not a GGUF file"):
         metadata_from_gguf(not_gguf)
 
 

@@ -32,7 +32,6 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import quants
 from ..errors import (
     InvalidOptionError,
     NonFiniteValueError,
@@ -72,7 +71,7 @@ def requantize(
     """Quantize an existing GGUF to other file types, reading it once, as llama-quantize would.
 
     Args:
-        path: the source ``.gguf`` (for a split model, its first part ``...-00001-of-0000N.gguf``;
+        path: the source ``.gguf`` (for a split model, any of its parts ``...-0000K-of-0000N.gguf``;
             every part is read).
         save_directory: the folder for the new files (created if missing).
         quantization: one file-type name or a list, as for ``save_pretrained_gguf`` (``f32 f16 bf16
@@ -91,7 +90,7 @@ def requantize(
 
     Raises:
         MissingFileError: ``path`` (or a part of a split model) does not exist.
-        GGUFReadError: ``path`` is not a readable GGUF, or lacks the KVs the plan needs.
+        GGUFReadError: ``path`` is not a readable (little-endian) GGUF, or lacks the KVs the plan needs.
         QuantizedCheckpointError: the source is quantized below Q8_0 and ``allow_requantize`` is False.
         UnsupportedQuantTypeError: an unknown quantization name, or a tensor type llmdeploy cannot decode.
         OutputExistsError: an output file exists and ``overwrite`` is False.
@@ -100,6 +99,7 @@ def requantize(
     """
     file_types = _file_types(quantization)
     with open_gguf(path) as source:
+        source.require_little_endian()
         _check_requantizable(source, allow_requantize)
         hparams = source_hparams(source)
         # The plan reads an input's type only for the tensors it leaves alone (norms, 1-D tensors...),
@@ -179,6 +179,8 @@ def _check_requantizable(source: GGUFModelFile, allow_requantize: bool) -> None:
 
 def _check_decodable(source: GGUFModelFile, plans: list[QuantPlan]) -> None:
     """Every tensor whose type changes must be decodable, checked before anything is written."""
+    from .. import quants  # the kernels load torch: imported only when a file is requantized (not to estimate one)
+
     for t in source.tensors:
         if all(plan[t.name].type == t.type for plan in plans):
             continue
@@ -212,6 +214,8 @@ def _write_tensor(
     new_types = [qtype for qtype in dict.fromkeys(targets) if qtype != tensor.type]
     encoded: dict[GGMLQuantizationType, np.ndarray] = {}
     if new_types:
+        from .. import quants
+
         nbytes = {p[tensor.name].type: p[tensor.name].nbytes for p in plans}
         encoded = {qtype: np.empty((tensor.n_rows, nbytes[qtype] // tensor.n_rows), np.uint8) for qtype in new_types}
         step = max(1, CHUNK_VALUES // tensor.shape[-1])

@@ -56,7 +56,7 @@ def gguf_to_hf(
     by transformers' own ``save_pretrained``.
 
     Args:
-        path: the ``.gguf`` file (for a split model, its first part ``...-00001-of-0000N.gguf``;
+        path: the ``.gguf`` file (for a split model, any of its parts ``...-0000K-of-0000N.gguf``;
             the parts are joined into one temporary file first, as transformers reads one file).
         save_directory: the output folder. It must be new or empty unless ``overwrite``.
         overwrite: replace the model in a non-empty folder: earlier weights, indexes and
@@ -70,7 +70,7 @@ def gguf_to_hf(
 
     Raises:
         MissingFileError: ``path`` (or a part of a split model) does not exist.
-        GGUFReadError: ``path`` is not a readable GGUF.
+        GGUFReadError: ``path`` is not a readable (little-endian) GGUF.
         UnsupportedArchitectureError: transformers cannot read this architecture (the message
             lists the ones it can).
         OutputExistsError: ``save_directory`` is a file, or a non-empty folder and ``overwrite`` is False.
@@ -82,6 +82,7 @@ def gguf_to_hf(
     check_output_folder(target, overwrite=overwrite)
     torch_dtype = _torch_dtype(dtype)
     with open_gguf(path) as source:
+        source.require_little_endian()
         _check_architecture(source)
         if torch_dtype is None:
             torch_dtype = getattr(torch, default_dtype(source))

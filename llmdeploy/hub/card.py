@@ -21,7 +21,8 @@ import gguf
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from ..errors import GGUFReadError, InvalidOptionError, MissingFileError
+from ..errors import InvalidOptionError, MissingFileError
+from ..gguf.reader import GGUFModelFile, open_gguf
 from ..source import read_safetensors_header
 
 __all__ = ["KINDS", "build_model_card", "collect_files", "detect_kind", "looks_like_hub_id", "read_json_object"]
@@ -214,15 +215,15 @@ def _gguf_facts(files: Mapping[str, pathlib.Path]) -> _Facts:
         groups.setdefault(("parts", m["prefix"]) if m else ("file", name), []).append(name)
     facts = _Facts(files=dict(files))
     for parts in groups.values():
-        info, kvs = _read_gguf(parts, files)
+        info, model = _read_gguf(parts, files)
         facts.ggufs.append(info)
         if facts.base_hint is None:
-            facts.base_hint = _hub_id_from_url(kvs.get(gguf.Keys.General.BASE_MODEL_REPO_URL.format(id=0)))
-        if not facts.licence and kvs.get(gguf.Keys.General.LICENSE):
+            facts.base_hint = _hub_id_from_url(model.get(gguf.Keys.General.BASE_MODEL_REPO_URL.format(id=0)))
+        if not facts.licence and model.get(gguf.Keys.General.LICENSE):
             facts.licence = _licence_dict(
-                kvs.get(gguf.Keys.General.LICENSE),
-                kvs.get(gguf.Keys.General.LICENSE_NAME),
-                kvs.get(gguf.Keys.General.LICENSE_LINK),
+                model.get(gguf.Keys.General.LICENSE),
+                model.get(gguf.Keys.General.LICENSE_NAME),
+                model.get(gguf.Keys.General.LICENSE_LINK),
             )
     facts.ggufs.sort(key=lambda g: (g.bits_per_weight, g.name))  # smallest first: the snippets show it
     archs = [g.architecture for g in facts.ggufs if g.architecture]
@@ -235,55 +236,27 @@ def _gguf_facts(files: Mapping[str, pathlib.Path]) -> _Facts:
     return facts
 
 
-_WANTED_KEYS = (
-    gguf.Keys.General.FILE_TYPE,
-    gguf.Keys.General.ARCHITECTURE,
-    gguf.Keys.General.LICENSE,
-    gguf.Keys.General.LICENSE_NAME,
-    gguf.Keys.General.LICENSE_LINK,
-    gguf.Keys.General.BASE_MODEL_REPO_URL.format(id=0),
-)
-
-
-def _read_gguf(parts: list[str], files: Mapping[str, pathlib.Path]) -> tuple[_GGUF, dict[str, Any]]:
-    """One GGUF model (all its split parts): header facts and a few ``general.*`` values."""
-    kvs: dict[str, Any] = {}
-    n_params = data_bytes = size = 0
-    for name in parts:
-        path = files[name]
-        try:
-            reader = gguf.GGUFReader(path)
-        except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, IndexError... on a damaged file
-            raise GGUFReadError(f"{path} is not a readable GGUF file ({e}); export it again") from None
-        for key in _WANTED_KEYS:
-            field = reader.get_field(key)
-            if field is not None and key not in kvs:
-                kvs[key] = field.contents()
-        n_params += sum(int(t.n_elements) for t in reader.tensors)
-        data_bytes += sum(int(t.n_bytes) for t in reader.tensors)
-        size += path.stat().st_size
-    quant = _quant_name(kvs.get(gguf.Keys.General.FILE_TYPE), parts[0])
+def _read_gguf(parts: list[str], files: Mapping[str, pathlib.Path]) -> tuple[_GGUF, GGUFModelFile]:
+    """One GGUF model (all its split parts, read from the first): header facts, and the opened file."""
+    model = open_gguf(files[parts[0]])
+    n_params = model.n_params
+    arch = model.get(gguf.Keys.General.ARCHITECTURE)
     info = _GGUF(
         name=parts[0],
         parts=tuple(parts),
-        quant=quant,
-        size=size,
+        quant=_quant_name(model, parts[0]),
+        size=model.file_bytes,
         n_params=n_params,
-        bits_per_weight=8 * data_bytes / n_params if n_params else 0.0,
-        architecture=kvs.get(gguf.Keys.General.ARCHITECTURE),
+        bits_per_weight=8 * model.tensor_bytes / n_params if n_params else 0.0,
+        architecture=arch if isinstance(arch, str) else None,
     )
-    return info, kvs
+    return info, model
 
 
-def _quant_name(file_type: Any, file_name: str) -> str:
+def _quant_name(model: GGUFModelFile, file_name: str) -> str:
     """``general.file_type`` as llama.cpp names it (``"Q4_K_M"``), else the name's quant suffix."""
-    if isinstance(file_type, int):
-        try:
-            name = gguf.LlamaFileType(file_type).name
-        except ValueError:
-            name = ""
-        if name:
-            return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
+    if model.llama_file_type is not None:
+        return model.file_type.upper()
     stem = _SPLIT_PART.sub(r"\g<prefix>", file_name).removesuffix(".gguf")
     m = re.search(r"[-.]((?:I?Q\d\w*)|(?:TQ\d_\d)|BF16|F16|F32)$", stem, re.IGNORECASE)
     return m.group(1).upper() if m else "unknown"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf import GGUFReader, TokenType
 
 from llmdeploy import errors
 from llmdeploy.gguf import export

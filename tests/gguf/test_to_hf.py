@@ -189,6 +189,14 @@ def test_not_a_gguf(tmp_path: pathlib.Path) -> None:
     assert not (tmp_path / "hf").exists()
 
 
+def test_big_endian_gguf_is_refused_before_any_output(tmp_path: pathlib.Path) -> None:
+    big = tmp_path / "big.gguf"  # a big-endian GGUF (gguf-py writes them on request; llama.cpp loads none): empty
+    big.write_bytes(b"GGUF" + (3).to_bytes(4, "big") + bytes(16))  # version 3, no tensors, no KVs
+    with pytest.raises(GGUFReadError, match=r"big.gguf is a big-endian GGUF: .*`gguf-convert-endian "):
+        gguf_to_hf(big, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_gemma_attention_scale_as_llama_cpp_computes_it() -> None:
     def gemma3(n_layer: int, n_embd: int, n_head: int, key_length: int) -> GGUFModelFile:
         kvs = [

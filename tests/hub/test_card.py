@@ -22,7 +22,8 @@ REPO = "alice/tiny-llama-gguf"
 def ggufs(llama_with_card: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Q8_0 and F16 GGUFs of the tiny fine-tune whose README names apache-2.0 and meta-llama/Llama-3.2-1B."""
     out = tmp_path_factory.mktemp("ggufs")
-    llmdeploy.save_pretrained_gguf(llama_with_card, out, quantization=["q8_0", "f16"], progress=False)
+    # no Modelfiles: the tests with one add it themselves
+    llmdeploy.save_pretrained_gguf(llama_with_card, out, quantization=["q8_0", "f16"], progress=False, modelfile=False)
     return out
 
 

@@ -46,8 +46,11 @@ def test_push_gguf_delivers_the_exported_bytes_in_one_commit_with_a_card(
     assert set(commit.files) == {*expected, "README.md"}
     for name, data in expected.items():
         assert commit.files[name] == data, name
-    # the GGUFs went through LFS (batch, PUT to storage, verify), the card inline in the commit
-    assert sorted(commit.lfs) == sorted(expected) and commit.inline == ["README.md"]
+    # the GGUFs went through LFS (batch, PUT to storage, verify); the card and the Modelfiles inline
+    ggufs = [name for name in expected if name.endswith(".gguf")]
+    assert sorted(expected) == sorted([*ggufs, "Modelfile-F16", "Modelfile-Q8_0"])
+    assert sorted(commit.lfs) == sorted(ggufs)
+    assert sorted(commit.inline) == ["Modelfile-F16", "Modelfile-Q8_0", "README.md"]
     assert hub.routes().count("lfs-put") == 2 and hub.routes().count("lfs-verify") == 2
     assert hub.unexpected == []  # nothing else (no Xet endpoints): the client took the LFS path
     assert list(temp_root.iterdir()) == []  # the export's temporary folder is gone
@@ -59,8 +62,9 @@ def test_push_gguf_delivers_the_exported_bytes_in_one_commit_with_a_card(
     assert card.data.library_name == "gguf"
     assert card.data.license == "apache-2.0"
     assert {"llmdeploy", "gguf", "llama-cpp", "q8_0", "f16"} <= set(card.data.tags)
-    for name in expected:
+    for name in ggufs:  # the file table lists the models; the Modelfiles appear in the Ollama snippet
         assert f"| `{name}` |" in card.text
+    assert "ollama create tiny-gguf -f Modelfile-Q8_0" in card.text
     assert f"llama-cli -hf {USER}/tiny-gguf:Q8_0" in card.text
 
 
