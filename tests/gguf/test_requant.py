@@ -123,7 +123,7 @@ def test_source_below_q8_0_needs_allow_requantize(exported: dict, tmp_path: path
 
     (path,) = requantize(source, tmp_path / "out", quantization="q4_0", allow_requantize=True, progress=False)
     assert_same_file(path, llama_quantize_requant(source, "q4_0"))
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=False, n_ctx=64, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
         llm.eval([1, 5, 17, 42, 99])
         assert np.isfinite(np.asarray(llm.scores[:5])).all()
