@@ -21,6 +21,8 @@ import types
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from .errors import InvalidOptionError
+
 __all__ = ["DeployMixin", "METHODS", "patch"]
 
 logger = logging.getLogger("llmdeploy")
@@ -39,7 +41,25 @@ _UNSLOTH_ONLY = {
 }
 
 
-def _drop_unsloth_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+# Options of Unsloth's methods that mean something llmdeploy does differently: refused with the way to do it.
+_UNSLOTH_REFUSED = {
+    "push_to_hub": "call push_to_hub_gguf / push_to_hub_merged instead of passing push_to_hub=True",
+    "first_conversion": "drop it: llmdeploy writes no intermediate 16-bit GGUF to choose a type for",
+    "imatrix_file": "importance-matrix quantization is not supported yet; drop it (types are quantized without one)",
+    "use_temp_dir": "drop it: llmdeploy always uploads from a temporary folder it removes afterwards",
+}
+_GGUF_REFUSED = {
+    "max_shard_size": "GGUF files are split with max_file_size= (e.g. max_file_size='50GB')",
+    "save_method": "a GGUF is always the merged model; save the adapter with save_pretrained_merged(..., "
+    "save_method='lora')",
+}
+
+
+def _drop_unsloth_options(kwargs: dict[str, Any], *, gguf: bool = False) -> dict[str, Any]:
+    refused = {**_UNSLOTH_REFUSED, **(_GGUF_REFUSED if gguf else {})}
+    for name in kwargs:
+        if name in refused:
+            raise InvalidOptionError(f"{name}= is an Unsloth option llmdeploy does not take: {refused[name]}")
     for name in [k for k in kwargs if k in _UNSLOTH_ONLY]:
         logger.warning("ignoring %s=%r: %s", name, kwargs.pop(name), _UNSLOTH_ONLY[name])
     return kwargs
@@ -73,7 +93,7 @@ class DeployMixin:
         """Export the model (a LoRA merged on the fly) to GGUF; see :func:`llmdeploy.save_pretrained_gguf`."""
         from .gguf.export import save_pretrained_gguf
 
-        kwargs = _drop_unsloth_options(kwargs)
+        kwargs = _drop_unsloth_options(kwargs, gguf=True)
         if "quantization_method" in kwargs:  # Unsloth's name for it
             quantization = kwargs.pop("quantization_method")
         return save_pretrained_gguf(self, save_directory, tokenizer=tokenizer, quantization=quantization, **kwargs)
@@ -112,7 +132,7 @@ class DeployMixin:
         """Export to GGUF and upload with a model card; see :func:`llmdeploy.push_to_hub_gguf`."""
         from .hub import push_to_hub_gguf
 
-        kwargs = _drop_unsloth_options(kwargs)
+        kwargs = _drop_unsloth_options(kwargs, gguf=True)
         if "quantization_method" in kwargs:
             quantization = kwargs.pop("quantization_method")
         return push_to_hub_gguf(

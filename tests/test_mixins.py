@@ -118,3 +118,16 @@ def test_push_to_hub_gguf_method(peft_model, hub) -> None:  # noqa: F811 - the f
     commit = hub.repos[f"{USER}/ft-gguf"].commits[0]
     assert url.endswith(commit.oid)
     assert any(name.endswith("-Q8_0.gguf") for name in commit.files) and "README.md" in commit.files
+
+
+@pytest.mark.parametrize(
+    ("option", "fix"),
+    [("push_to_hub", "push_to_hub_gguf"), ("imatrix_file", "not supported yet"), ("max_shard_size", "max_file_size=")],
+)
+def test_unsloth_options_with_another_way_are_refused_with_it(peft_model, tmp_path: pathlib.Path, option, fix) -> None:
+    from llmdeploy.errors import InvalidOptionError
+
+    llmdeploy.patch(peft_model)
+    with pytest.raises(InvalidOptionError, match=f"{option}= is an Unsloth option .*{fix}"):
+        peft_model.save_pretrained_gguf(tmp_path, quantization="q8_0", **{option: "x"})
+    assert not any(tmp_path.iterdir())
