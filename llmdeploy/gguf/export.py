@@ -28,7 +28,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .. import quants
-from .._memory import return_free_heap
+from .._memory import gc_paused, return_free_heap
 from ..errors import InvalidOptionError, NonFiniteValueError, OutputExistsError
 from ..merge.as_source import merged_source
 from ..merge.memory import is_peft_model
@@ -133,7 +133,7 @@ def _export(
     # The tokenizer and the architecture (Gemma 3 cuts its embeddings to the vocabulary) both read
     # tokenizer.json: parse it once. The tokenizer goes first, as it loads (and frees) the Rust
     # tokenizer before it parses the JSON, so the two large structures never overlap.
-    with tokenizer_json_cache():
+    with gc_paused(), tokenizer_json_cache():
         token_kvs = tokenizer_metadata(source, tokenizer)
         tensors = arch.tensors(source)
         plans = quant_plans(tensors, file_types, arch.hparams(source))

@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterator
 import gguf
 from gguf import GGUFValueType, TokenType
 
-from .._memory import return_free_heap
+from .._memory import gc_paused, return_free_heap
 from ..errors import MissingFileError, UnsupportedArchitectureError, UnsupportedTokenizerError
 from ._pretokenizers import CHECK_TEXT, PRE_TOKENIZER_BY_HASH
 
@@ -135,7 +135,7 @@ def tokenizer_metadata(source: Any, tokenizer: Any = None) -> list[KV]:
         UnsupportedTokenizerError: A tokenizer llama.cpp cannot tokenize faithfully, e.g. a
             byte-level BPE whose pre-tokenizer it does not know (the message gives its hash).
     """
-    with _converter_folder(source, tokenizer) as folder, tokenizer_json_cache():
+    with gc_paused(), _converter_folder(source, tokenizer) as folder, tokenizer_json_cache():
         hparams = _hparams(folder, source.config)
         arch = _architecture(hparams)
         set_vocab = _VOCAB_BY_ARCH.get(arch)

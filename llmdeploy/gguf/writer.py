@@ -126,6 +126,25 @@ def _pack_string(value: str | bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
+def _pack_strings(values: Sequence[str | bytes]) -> bytes:
+    """``_pack_string`` of each value, concatenated: a uint64 length, then the UTF-8 bytes.
+
+    Vectorized: the length fields and the string bytes are scattered into one buffer by index
+    arithmetic (a large vocabulary is hundreds of thousands of strings).
+    """
+    encoded = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    record = lengths + 8  # each string's record: the length field, then its bytes
+    starts = np.cumsum(record) - record
+    out = np.empty(int(record.sum()), dtype=np.uint8)
+    out[(starts[:, None] + np.arange(8)).ravel()] = lengths.astype("<u8").view(np.uint8)
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    # byte j of the joined strings belongs to string i and goes to starts[i] + 8 + (j - offset[i])
+    shift = np.repeat(starts + 8 - (np.cumsum(lengths) - lengths), lengths)
+    out[np.arange(data.size, dtype=np.int64) + shift] = data
+    return out.tobytes()
+
+
 def _infer_type(value: Any) -> GGUFValueType:
     """gguf-py's rule (``GGUFValueType.get_type``: bool, float -> FLOAT32, int -> INT32), plus numpy."""
     if isinstance(value, (str, bytes, bytearray)):
@@ -163,14 +182,15 @@ def _pack_value(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None
         elif len(value) == 0:
             raise TypeError("cannot infer the element type of an empty array; pass sub_type")
         else:
-            types = {_infer_type(item) for item in value}
+            # one representative per Python type (a 262k-token vocabulary has one: str)
+            types = {_infer_type(item) for item in {type(item): item for item in value}.values()}
             if len(types) != 1:
                 raise TypeError(f"array items of mixed types {sorted(t.name for t in types)}; pass sub_type")
             (sub_type,) = types
     sub_type = GGUFValueType(sub_type)
     head = struct.pack("<IQ", sub_type, len(value))
     if sub_type == _V.STRING:
-        return head + b"".join(_pack_string(item) for item in value)
+        return head + _pack_strings(value)
     if sub_type == _V.ARRAY:
         raise TypeError("arrays of arrays: llama.cpp's GGUF reader rejects them")
     dtype = _ARRAY_DTYPES[sub_type]
