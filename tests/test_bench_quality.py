@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import pathlib
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from tests.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
-    return _load("bench_quality")
+    return load_benchmark("bench_quality")
 
 
 def test_compare_gives_the_hand_computed_perplexity_kl_and_agreement(bench) -> None:  # type: ignore[no-untyped-def]

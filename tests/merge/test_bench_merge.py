@@ -3,19 +3,16 @@ merges, llmdeploy's two paths write identical tensors, and they equal PEFT's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_merge.py"
+from tests.benchmarks import load_benchmark
 
 
 def test_bench_merge_runs_and_agrees_with_peft(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_merge", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    bench = load_benchmark("bench_merge")
     raw = tmp_path / "results.json"
     args = ["--tiny", "--layers", "1", "--repeat", "1", "--workdir", str(tmp_path), "--json", str(raw), "--markdown"]
     bench.main(args)
