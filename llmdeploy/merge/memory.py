@@ -48,14 +48,12 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def check_adapter_config(name: str, config: Any, *, in_memory: bool = False) -> None:
+def check_adapter_config(name: str, config: Any) -> None:
     """Raise for a non-LoRA adapter or a LoRA variant that cannot be merged.
 
     Args:
         name: the adapter's name (or folder), named in the message.
         config: a ``PeftConfig`` or the dict of ``adapter_config.json``.
-        in_memory: the adapter is merged from an in-memory PEFT model (which can merge LoRAs on
-            parameters: ``target_parameters``), not from its saved tensors onto a base folder.
     """
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     peft_type = get("peft_type")
@@ -71,13 +69,6 @@ def check_adapter_config(name: str, config: Any, *, in_memory: bool = False) -> 
                 f"adapter {name!r} uses {what} ({key}={get(key)!r}), which llmdeploy cannot merge yet; it merges "
                 f"{SUPPORTED}. Merge with PEFT's merge_and_unload() instead"
             )
-    if get("target_parameters") and not in_memory:
-        raise NotSupportedYetError(
-            f"adapter {name!r} targets parameters directly (target_parameters={get('target_parameters')!r}, "
-            "e.g. MoE experts), which are stored fused in memory and split in the checkpoint; llmdeploy merges those "
-            "from the in-memory model only. Load it (model = PeftModel.from_pretrained(base_model, adapter_dir)) and "
-            "call save_pretrained_merged(model, ...) without base="
-        )
     if get("layer_replication"):
         raise NotSupportedYetError(
             f"adapter {name!r} uses layer_replication; merging it is not supported yet (the replicated layers share "
@@ -102,7 +93,7 @@ def merge_adapter_names(model: Any, adapter_names: Sequence[str] | None) -> list
     if not names:
         raise InvalidOptionError(f"no adapter to merge: none is active; pass adapter_names= (one of {available})")
     for n in names:
-        check_adapter_config(n, model.peft_config[n], in_memory=True)
+        check_adapter_config(n, model.peft_config[n])
     return names
 
 

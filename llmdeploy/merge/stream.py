@@ -35,6 +35,7 @@ from ..source import read_safetensors_header
 from .bnb import COMPONENTS, Quant4bit, dequantize_4bit
 from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, lora_scaling
 from .memory import check_adapter_config
+from .param_lora import param_lora_terms
 from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
 
 __all__ = ["Adapter", "BaseFolder", "adapter_from_model", "load_adapter_folder", "plan_from_folders"]
@@ -475,6 +476,11 @@ def plan_from_folders(adapters: Sequence[Adapter], base: BaseFolder) -> MergePla
                     "(modules_to_save); merge only one of them"
                 )
             replaced[name] = (t, adapter.name)
+        if adapter.config.get("target_parameters"):  # LoRA on stacked MoE experts: split onto their tensors
+            param_terms, n_param = param_lora_terms(adapter.config, base.folder, modules)
+            for name, terms in param_terms.items():
+                weight_terms.setdefault(name, []).extend(terms)
+            n_modules += n_param
         unmatched = [m for m in modules if f"{m}.weight" not in known]
         if unmatched:
             raise UnmergedAdapterError(

@@ -106,3 +106,7 @@ def test_moe_expert_lora_exports_like_its_merged_folder(tmp_path: pathlib.Path) 
     (expected,) = save_pretrained_gguf(merged, tmp_path / "two-step", quantization="q8_0", progress=False)
     (ours,) = save_pretrained_gguf(pm, tmp_path / "one-pass", quantization="q8_0", progress=False)
     assert _tensors(ours) == _tensors(expected)
+    pm.save_pretrained(str(tmp_path / "adapter"))  # and from the adapter folder onto the base folder
+    folder = base("Qwen3MoeForCausalLM", tokenizer="qwen2")
+    (from_folder,) = save_pretrained_gguf(tmp_path / "adapter", tmp_path / "dir", base=folder, progress=False)
+    assert _tensors(from_folder) == _tensors(expected)

@@ -302,12 +302,17 @@ def test_moe_expert_lora_equals_peft(arch, tmp_path):
     torch.testing.assert_close(logits(load(tmp_path / "f32")), logits(pm), rtol=1e-4, atol=1e-4)
 
 
-def test_moe_expert_lora_from_a_folder_says_how_to_merge_it(tmp_path):
-    from llmdeploy.errors import NotSupportedYetError
-
-    model = load(base("Qwen3MoeForCausalLM"))
-    pm = lora(model, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"], r=4)
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_moe_expert_lora_from_a_folder_equals_the_in_memory_merge(arch, tmp_path):
+    """Adapter folder + base folder: the stacked update is split onto the per-expert checkpoint tensors."""
+    model = load(base(arch))
+    params = sorted({n.split("layers.0.", 1)[1] for n, p in model.named_parameters() if p.ndim == 3 and "layers.0." in n})
+    pm = lora(model, target_modules=["q_proj"], target_parameters=params, r=4)
     pm.save_pretrained(str(tmp_path / "adapter"))
-    with pytest.raises(NotSupportedYetError, match=r"PeftModel.from_pretrained\(base_model, adapter_dir\)"):
-        save_pretrained_merged(tmp_path / "adapter", tmp_path / "out", base=base("Qwen3MoeForCausalLM"))
-    assert not (tmp_path / "out").exists()
+    in_memory = read(_merge(pm, tmp_path, "mem", dtype="float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pretrained_merged(tmp_path / "adapter", tmp_path / "dir", base=base(arch), dtype="float32")
+    from_folder = read(tmp_path / "dir")
+    assert from_folder.keys() == in_memory.keys()
+    assert all(torch.equal(from_folder[k], in_memory[k]) for k in in_memory)
