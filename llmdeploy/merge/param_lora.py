@@ -45,13 +45,15 @@ class ParamLoraPieces:
         return list(_revert(self.model, {self.wrapper.parameter: meta}))
 
     def piece(self, name: str) -> torch.Tensor:
+        """The piece for checkpoint tensor ``name``. Each piece is handed out once and dropped, so the
+        stacked update is freed when its last piece is written (and recomputed if asked again)."""
         if name not in self._cache:
             ct = compute_dtype(torch.float32)
             zero = torch.zeros(self.wrapper.shape, dtype=ct)
             with torch.no_grad():
                 delta = self.term.apply(zero, zero)  # 0 + ΔW: exactly ΔW
             self._cache = {k: v.contiguous() for k, v in _revert(self.model, {self.wrapper.parameter: delta}).items()}
-        return self._cache[name]
+        return self._cache.pop(name)
 
 
 @dataclass(frozen=True, eq=False)
