@@ -169,6 +169,11 @@ class LoopbackHub:
             return _error(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         return name
 
+    def _authorized_repo(self, args: dict[str, str], headers: Any, *, write: bool) -> Repo | _Reply:
+        """The request's repo, if its token may read (or write) it; else the Hub's error reply."""
+        user = self._auth(headers, write=write)
+        return user if isinstance(user, _Reply) else self._repo(args["repo"], user)
+
     def _repo(self, repo_id: str, user: str) -> Repo | _Reply:
         repo = self.repos.get(repo_id)
         if repo is None or repo_id.split("/")[0] != user:
@@ -190,10 +195,7 @@ class LoopbackHub:
         return _json(200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex})
 
     def _model_info(self, args: dict[str, str], headers: Any, body: bytes, query: Any) -> _Reply:
-        user = self._auth(headers, write=False)
-        if isinstance(user, _Reply):
-            return user
-        repo = self._repo(args["repo"], user)
+        repo = self._authorized_repo(args, headers, write=False)
         if isinstance(repo, _Reply):
             return repo
         sha = repo.commits[-1].oid if repo.commits else "0" * 40
@@ -222,10 +224,7 @@ class LoopbackHub:
         return _json(200, {"errors": [], "warnings": []})
 
     def _preupload(self, args: dict[str, str], headers: Any, body: bytes, query: Any) -> _Reply:
-        user = self._auth(headers, write=True)
-        if isinstance(user, _Reply):
-            return user
-        repo = self._repo(args["repo"], user)
+        repo = self._authorized_repo(args, headers, write=True)
         if isinstance(repo, _Reply):
             return repo
         answers = []
@@ -239,10 +238,7 @@ class LoopbackHub:
         return _json(200, {"files": answers, "commitOid": repo.commits[-1].oid if repo.commits else "0" * 40})
 
     def _lfs_batch(self, args: dict[str, str], headers: Any, body: bytes, query: Any) -> _Reply:
-        user = self._auth(headers, write=True)
-        if isinstance(user, _Reply):
-            return user
-        repo = self._repo(args["repo"], user)
+        repo = self._authorized_repo(args, headers, write=True)
         if isinstance(repo, _Reply):
             return repo
         payload = json.loads(body)
@@ -277,10 +273,7 @@ class LoopbackHub:
         return _json(200, {"success": True})
 
     def _commit(self, args: dict[str, str], headers: Any, body: bytes, query: Any) -> _Reply:
-        user = self._auth(headers, write=True)
-        if isinstance(user, _Reply):
-            return user
-        repo = self._repo(args["repo"], user)
+        repo = self._authorized_repo(args, headers, write=True)
         if isinstance(repo, _Reply):
             return repo
         assert headers.get("Content-Type") == "application/x-ndjson", headers.get("Content-Type")
