@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Source", "TensorInfo", "dtype_name", "open_source", "read_model_config"]
 
-_DTYPES: dict[str, torch.dtype] = {
+#: safetensors dtype names and their torch dtypes, the ones every supported torch has (the merge
+#: reads base checkpoints in these; export also reads the optional ones added below).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
 }  # fmt: skip
+_DTYPES: dict[str, torch.dtype] = dict(SAFETENSORS_DTYPES)
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
                      ("U32", "uint32"), ("U64", "uint64")):  # fmt: skip
     if hasattr(torch, _attr):
@@ -51,7 +54,8 @@ _QUANT_SUFFIX = re.compile(
     r"\.(absmax|nested_absmax|quant_map|nested_quant_map|quant_state(\.[\w.]+)?|SCB|weight_format"
     r"|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv)$"
 )
-_BNB_SUFFIX = re.compile(
+#: Names of the extra tensors a bitsandbytes checkpoint stores beside its packed weights.
+BNB_SUFFIX = re.compile(
     r"\.(absmax|nested_absmax|quant_map|nested_quant_map|quant_state(\.[\w.]+)?|SCB|weight_format)$"
 )
 
@@ -282,7 +286,7 @@ def _check_index(folder: pathlib.Path, infos: dict[str, TensorInfo]) -> None:
 def _check_not_quantized(infos: dict[str, TensorInfo], config: dict[str, Any], where: str) -> None:
     method = (config.get("quantization_config") or {}).get("quant_method")
     for name, info in infos.items():
-        bnb = bool(_BNB_SUFFIX.search(name)) or info.dtype in ("U8", "I8")
+        bnb = bool(BNB_SUFFIX.search(name)) or info.dtype in ("U8", "I8")
         if bnb or _QUANT_SUFFIX.search(name) or info.dtype.startswith("F8"):
             kind = "bitsandbytes" if bnb else (method or "a quantization method")
             raise QuantizedCheckpointError(

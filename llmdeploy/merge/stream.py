@@ -31,7 +31,7 @@ from ..errors import (
     UnmergedAdapterError,
     UnsupportedAdapterError,
 )
-from ..source import read_safetensors_header
+from ..source import BNB_SUFFIX, SAFETENSORS_DTYPES, read_safetensors_header
 from .bnb import COMPONENTS, Quant4bit, dequantize_4bit
 from .lora import DoraTerm, LoraBiasTerm, LoraTerm, Term, TokenRowsTerm, lora_scaling
 from .memory import check_adapter_config
@@ -40,15 +40,9 @@ from .plan import Entry, MergePlan, dominant_dtype, resolve_ties
 
 __all__ = ["Adapter", "BaseFolder", "adapter_from_model", "load_adapter_folder", "plan_from_folders"]
 
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
-}  # fmt: skip
 logger = logging.getLogger("llmdeploy")
 
 _PREFIX = "base_model.model."
-_BNB = re.compile(r"\.(absmax|nested_absmax|quant_map|nested_quant_map|quant_state(\.[\w.]+)?|SCB|weight_format)$")
 
 
 @dataclass
@@ -147,15 +141,15 @@ class BaseFolder:
             for name in sorted(header):
                 meta = header[name]
                 b, e = meta["data_offsets"]
-                if meta["dtype"] not in _ST_DTYPES:
+                if meta["dtype"] not in SAFETENSORS_DTYPES:
                     raise NotSupportedYetError(
                         f"tensor {name!r} in {shard.name} has dtype {meta['dtype']}; merging needs a base in bf16, "
                         "fp16 or fp32"
                     )
-                tensors[name] = _Stored(shard, start + b, e - b, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]])
+                tensors[name] = _Stored(shard, start + b, e - b, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]])
         base = cls(folder, config, tensors)
         four_bit = base._find_4bit()
-        quant = next((n for n, t in tensors.items() if _BNB.search(n) or t.dtype in (torch.uint8, torch.int8)), None)
+        quant = next((n for n, t in tensors.items() if BNB_SUFFIX.search(n) or t.dtype in (torch.uint8, torch.int8)), None)
         qc = config.get("quantization_config")
         is_bnb_4bit = isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
         if quant is not None or (qc and not is_bnb_4bit):
