@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import AdapterShapeError
 from .lora import ExpertLoraTerm, LoraTerm, Term, compute_dtype
 
 __all__ = ["ParamLoraPieces", "param_lora_terms"]
@@ -39,10 +40,6 @@ class ParamLoraPieces:
     def __init__(self, model: Any, wrapper: _Wrapper, term: Term) -> None:
         self.model, self.wrapper, self.term = model, wrapper, term
         self._cache: dict[str, torch.Tensor] = {}
-
-    def names(self) -> list[str]:
-        meta = torch.empty(self.wrapper.shape, device="meta")
-        return list(_revert(self.model, {self.wrapper.parameter: meta}))
 
     def piece(self, name: str) -> torch.Tensor:
         """The piece for checkpoint tensor ``name``. Each piece is handed out once and dropped, so the
@@ -107,8 +104,6 @@ def param_lora_terms(
             term = ExpertLoraTerm(A, B, w.scaling, w.num_experts, w.out_first)
         bad = term.problem(w.shape)
         if bad:
-            from ..errors import AdapterShapeError
-
             raise AdapterShapeError(f"the adapter does not fit the base model at {w.parameter!r}: {bad}")
         pieces = ParamLoraPieces(model, w, term)
         for name, meta in _revert(model, {w.parameter: torch.empty(w.shape, device="meta")}).items():
